@@ -1,1 +1,246 @@
-fn main() {}
+//! relayctl: a command-line client for the relay-sidecar daemon, a thin shell
+//! over the `relay-sidecar-client` SDK.
+
+use std::path::PathBuf;
+use std::pin::pin;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use futures_util::{Stream, StreamExt};
+use relay_sidecar_client::{
+    DescriptionType, Error, PeerMessage, SOCKET_ENV, SendOptions, Status, default_socket_path,
+};
+use serde_json::{Value, json};
+use tracing_subscriber::fmt::{
+    format::Writer,
+    time::{FormatTime, SystemTime},
+};
+use uuid::Uuid;
+
+/// Query and use the relay-sidecar daemon over its Unix socket.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The daemon's socket [default: $RUNTIME_DIRECTORY/relay.sock, else /run/relay-sidecar/relay.sock]
+    #[arg(long, global = true, env = SOCKET_ENV, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print JSON, one object per line.
+    #[arg(long, global = true)]
+    json: bool,
+    /// A worker label for send and listen: a peer's replies go preferably to
+    /// the listener with its sender's label [default: the calling process]
+    #[arg(long, global = true)]
+    worker: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the identity, the relay connection's state and the counters.
+    Status,
+    /// Print the status at every change of the connection state, until Ctrl-C.
+    Watch,
+    /// Send one message to a peer; prints nothing on success.
+    Send {
+        /// The receiving peer's uuid.
+        peer: Uuid,
+        /// "offer" or "answer".
+        #[arg(value_name = "TYPE")]
+        kind: DescriptionType,
+        /// The payload.
+        text: String,
+        /// How long to wait for the relay connection to be registered.
+        #[arg(long, value_name = "SECS", value_parser = seconds)]
+        timeout: Option<Duration>,
+    },
+    /// Print messages from peers and bounces of this host's sends, until Ctrl-C.
+    Listen {
+        /// The delivery group to share messages with (default: see every message).
+        #[arg(long)]
+        group: Option<String>,
+        /// Exit after this many messages.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Drop the relay connection and register again (the way out of FAILED).
+    Reconnect,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relayctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let path = cli.socket.unwrap_or_else(default_socket_path);
+    let client = relay_sidecar_client::connect(path).await?;
+    let client = match cli.worker {
+        Some(worker) => client.with_worker(worker),
+        None => client,
+    };
+    match cli.command {
+        Command::Status => {
+            let status = client.status().await?;
+            if cli.json {
+                println!("{}", status_json(&status));
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Watch => {
+            until_ctrl_c(client.watch_status().await?, |s| {
+                let (time, state) = (now(), s.state);
+                match (cli.json, s.detail.is_empty()) {
+                    (true, _) => println!("{}", json!({"time": time, "status": status_json(&s)})),
+                    (false, true) => println!("{time} {state}"),
+                    (false, false) => println!("{time} {state}: {}", s.detail),
+                }
+                true
+            })
+            .await?;
+        }
+        Command::Send {
+            peer,
+            kind,
+            text,
+            timeout,
+        } => {
+            let options = timeout.map_or_else(SendOptions::new, |t| SendOptions::new().timeout(t));
+            client.send_with(peer, kind, text, options).await?;
+        }
+        Command::Listen { group, count } => {
+            let messages = client.subscribe(group.as_deref()).await?;
+            let mut left = count;
+            if left != Some(0) {
+                until_ctrl_c(messages, |m| {
+                    print_message(&m, cli.json);
+                    left = left.map(|n| n - 1);
+                    left != Some(0)
+                })
+                .await?;
+            }
+        }
+        Command::Reconnect => client.reconnect().await?,
+    }
+    Ok(())
+}
+
+/// Hands each item to `each` until it returns false or Ctrl-C; the daemon
+/// ending the stream first is an error.
+async fn until_ctrl_c<T>(
+    mut items: impl Stream<Item = Result<T, Error>> + Unpin,
+    mut each: impl FnMut(T) -> bool,
+) -> Result<()> {
+    let mut ctrl_c = pin!(tokio::signal::ctrl_c());
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            item = items.next() => match item {
+                Some(item) => if !each(item?) { return Ok(()) },
+                None => bail!("the daemon ended the stream"),
+            },
+        }
+    }
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn print_status(s: &Status) {
+    let row = |key: &str, value: &dyn std::fmt::Display| println!("{key:<11}{value}");
+    let c = &s.counters;
+    row("uuid", &s.uuid);
+    row("name", &s.name);
+    row("relay", &s.relay_url);
+    row("dialect", &s.dialect);
+    row("state", &s.state);
+    if !s.detail.is_empty() {
+        row("detail", &s.detail);
+    }
+    if let Some(code) = s.close_code {
+        row("close code", &code);
+    }
+    row("attempt", &s.attempt);
+    if let Some(d) = s.retry_in {
+        row("retry in", &format_args!("{:.1}s", d.as_secs_f64()));
+    }
+    let (sent, received, delivered) = (c.sent, c.received, c.delivered);
+    let (bounced, dropped, undecodable) = (c.bounced, c.dropped, c.undecodable);
+    row(
+        "messages",
+        &format_args!(
+            "sent {sent}, received {received}, delivered {delivered}, bounced {bounced}, dropped {dropped}, undecodable {undecodable}"
+        ),
+    );
+    row(
+        "connection",
+        &format_args!("reconnects {}, subscribers {}", c.reconnects, c.subscribers),
+    );
+    row("version", &s.version);
+}
+
+fn status_json(s: &Status) -> Value {
+    let c = &s.counters;
+    json!({
+        "uuid": s.uuid, "name": s.name, "relay_url": s.relay_url, "dialect": s.dialect,
+        "state": s.state.to_string(), "close_code": s.close_code, "detail": s.detail,
+        "attempt": s.attempt, "retry_in_secs": s.retry_in.map(|d| d.as_secs_f64()),
+        "counters": {
+            "sent": c.sent, "received": c.received, "bounced": c.bounced, "dropped": c.dropped,
+            "reconnects": c.reconnects, "subscribers": c.subscribers,
+            "undecodable": c.undecodable, "delivered": c.delivered,
+        },
+        "version": s.version,
+    })
+}
+
+fn print_message(m: &PeerMessage, as_json: bool) {
+    if as_json {
+        let fields = json!({
+            "source_uuid": m.source_uuid, "source_name": m.source_name, "peer_uuid": m.peer_uuid,
+            "description_type": m.description_type, "description": m.description,
+            "error": m.error, "bounced": m.bounced,
+        });
+        println!("{fields}");
+    } else if m.bounced {
+        let error = m.error.as_deref().unwrap_or("no reason given");
+        println!("bounced to {}: {error}", m.peer_uuid);
+    } else {
+        let (name, uuid) = (&m.source_name, m.source_uuid);
+        println!(
+            "from {name} ({uuid}) {}: {}",
+            m.description_type, m.description
+        );
+    }
+}
+
+/// The time now, RFC 3339 in UTC (from tracing-subscriber, already at hand).
+fn now() -> String {
+    let mut time = String::new();
+    let _ = SystemTime.format_time(&mut Writer::new(&mut time));
+    time
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_parse() {
+        assert_eq!(seconds("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(seconds("-1").is_err() && seconds("soon").is_err());
+    }
+}

@@ -1,0 +1,231 @@
+//! The [`Client`] handle and the streams it opens.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use relay_sidecar_proto::v1::{self, relay_sidecar_client::RelaySidecarClient};
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::{DescriptionType, Error, PeerMessage, Status};
+
+/// A connection to the relay-sidecar daemon.
+///
+/// Cheap to clone: clones share one connection to the daemon's socket, and
+/// calls on clones may run concurrently. If the daemon restarts, later calls
+/// reconnect to the same socket path.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: RelaySidecarClient<Channel>,
+    worker: Option<String>,
+}
+
+/// Per-call options for [`Client::send_with`].
+///
+/// ```
+/// # use std::time::Duration;
+/// let options = relay_sidecar_client::SendOptions::new()
+///     .worker("ingest-3")
+///     .timeout(Duration::from_secs(5));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    worker: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl SendOptions {
+    /// No worker override and no deadline (the daemon's default send timeout applies).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The worker label for this send, overriding [`Client::with_worker`].
+    pub fn worker(mut self, worker: impl Into<String>) -> Self {
+        self.worker = Some(worker.into());
+        self
+    }
+
+    /// The call's deadline: how long the daemon may wait for the relay
+    /// connection to be registered before it fails with
+    /// [`Error::Unavailable`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+impl Client {
+    /// A client over an already connected channel to the daemon (for custom
+    /// transports; most callers use [`connect`](crate::connect)).
+    pub fn from_channel(channel: Channel) -> Self {
+        Client {
+            inner: RelaySidecarClient::new(channel),
+            worker: None,
+        }
+    }
+
+    /// This handle with a worker label, sent with every send and subscribe
+    /// made through it. Replies from a peer go preferably to the subscription
+    /// of the worker that last sent to that peer; without a label the calling
+    /// process is the worker, so set one when several tasks of one process
+    /// each subscribe and send.
+    pub fn with_worker(mut self, worker: impl Into<String>) -> Self {
+        self.worker = Some(worker.into());
+        self
+    }
+
+    /// The worker label set with [`Client::with_worker`], if any.
+    pub fn worker(&self) -> Option<&str> {
+        self.worker.as_deref()
+    }
+
+    /// The generated tonic client, for calls or metadata the SDK does not cover.
+    pub fn raw(&self) -> RelaySidecarClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// Sends one message to `peer` as this host's identity.
+    ///
+    /// Returns once the daemon has written the message to the relay; the relay
+    /// does not acknowledge delivery, and a message it cannot forward comes
+    /// back on [`Client::subscribe`] with [`PeerMessage::bounced`] set.
+    /// Fails with [`Error::InvalidArgument`] (nothing sent),
+    /// [`Error::Unavailable`] (not registered in time: safe to retry) or
+    /// [`Error::FailedPrecondition`] (the connection is FAILED).
+    pub async fn send(
+        &self,
+        peer: Uuid,
+        kind: DescriptionType,
+        description: impl Into<String>,
+    ) -> Result<(), Error> {
+        self.send_with(peer, kind, description, SendOptions::new())
+            .await
+    }
+
+    /// [`Client::send`] with a worker label or a deadline for this call.
+    pub async fn send_with(
+        &self,
+        peer: Uuid,
+        kind: DescriptionType,
+        description: impl Into<String>,
+        options: SendOptions,
+    ) -> Result<(), Error> {
+        let mut request = tonic::Request::new(v1::SendRequest {
+            peer_uuid: peer.to_string(),
+            description_type: kind.to_string(),
+            description: description.into(),
+            worker: options
+                .worker
+                .or_else(|| self.worker.clone())
+                .unwrap_or_default(),
+        });
+        if let Some(timeout) = options.timeout {
+            request.set_timeout(timeout);
+        }
+        self.inner.clone().send(request).await?;
+        Ok(())
+    }
+
+    /// Opens a stream of inbound messages and bounces.
+    ///
+    /// Every `group` receives each message once, shared among the
+    /// subscriptions in it; `None` is a group of its own that receives every
+    /// message. The stream outlives relay reconnects and ends only when it is
+    /// dropped or the daemon stops.
+    pub async fn subscribe(&self, group: Option<&str>) -> Result<Subscription, Error> {
+        let request = v1::SubscribeRequest {
+            group: group.unwrap_or_default().to_owned(),
+            worker: self.worker.clone().unwrap_or_default(),
+        };
+        let inner = self.inner.clone().subscribe(request).await?.into_inner();
+        Ok(Subscription { inner })
+    }
+
+    /// The daemon's identity, connection state and counters.
+    pub async fn status(&self) -> Result<Status, Error> {
+        let response = self
+            .inner
+            .clone()
+            .get_status(v1::GetStatusRequest {})
+            .await?;
+        response.into_inner().try_into()
+    }
+
+    /// A stream of statuses: the current one at once, then one at every change
+    /// of the connection state, until it is dropped or the daemon stops.
+    pub async fn watch_status(&self) -> Result<StatusStream, Error> {
+        let request = v1::WatchStatusRequest {};
+        let inner = self.inner.clone().watch_status(request).await?.into_inner();
+        Ok(StatusStream { inner })
+    }
+
+    /// Drops the relay connection and registers again at once: the way out of
+    /// [`ConnectionState::Failed`](crate::ConnectionState::Failed). Returns
+    /// when the new attempt has started; watch the status for its outcome.
+    pub async fn reconnect(&self) -> Result<(), Error> {
+        self.inner
+            .clone()
+            .reconnect(v1::ReconnectRequest {})
+            .await?;
+        Ok(())
+    }
+}
+
+/// Inbound messages from [`Client::subscribe`]: a
+/// [`Stream`] of `Result<PeerMessage, Error>`.
+#[derive(Debug)]
+pub struct Subscription {
+    inner: tonic::Streaming<v1::SubscribeResponse>,
+}
+
+impl Subscription {
+    /// The next message, or `None` once the daemon has ended the stream.
+    pub async fn next_message(&mut self) -> Result<Option<PeerMessage>, Error> {
+        self.inner
+            .message()
+            .await?
+            .map(TryInto::try_into)
+            .transpose()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<PeerMessage, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner)
+            .poll_next(cx)
+            .map(|item| item.map(|r| r.map_err(Error::from).and_then(TryInto::try_into)))
+    }
+}
+
+/// Status updates from [`Client::watch_status`]: a [`Stream`] of
+/// `Result<Status, Error>`.
+#[derive(Debug)]
+pub struct StatusStream {
+    inner: tonic::Streaming<v1::WatchStatusResponse>,
+}
+
+impl StatusStream {
+    /// The next status, or `None` once the daemon has ended the stream.
+    pub async fn next_status(&mut self) -> Result<Option<Status>, Error> {
+        self.inner
+            .message()
+            .await?
+            .map(TryInto::try_into)
+            .transpose()
+    }
+}
+
+impl Stream for StatusStream {
+    type Item = Result<Status, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner)
+            .poll_next(cx)
+            .map(|item| item.map(|r| r.map_err(Error::from).and_then(TryInto::try_into)))
+    }
+}

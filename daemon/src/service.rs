@@ -1,0 +1,299 @@
+//! The `relay_sidecar.v1.RelaySidecar` gRPC service: validates requests,
+//! converts between the contract's prost types and the daemon's own, and
+//! maps the daemon's errors to precise gRPC status codes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use relay_sidecar_proto::v1;
+use relay_sidecar_proto::v1::relay_sidecar_server::RelaySidecar;
+use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::codec::{self, DESCRIPTION_TYPES, Dialect, Frame, PeerConnection};
+use crate::identity::Identity;
+use crate::relay::{Handle, SendError};
+use crate::router::{PeerMessage, Router};
+use crate::status::{ConnectionState, Counters, LinkStatus};
+
+/// The most a Send keeps back from the caller's deadline to answer in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The service, one per daemon; cheap to clone into tonic.
+#[derive(Debug, Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    identity: Identity,
+    relay_url: String,
+    dialect: Dialect,
+    relay: Handle,
+    router: Arc<Router>,
+    counters: Arc<Counters>,
+    send_timeout: Duration,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+}
+
+/// What the service is built from.
+#[derive(Debug)]
+pub struct ServiceParts {
+    pub identity: Identity,
+    pub relay_url: String,
+    pub dialect: Dialect,
+    pub relay: Handle,
+    pub router: Arc<Router>,
+    pub counters: Arc<Counters>,
+    pub send_timeout: Duration,
+    pub max_message_bytes: usize,
+    /// Cancelled at shutdown: open streams end then.
+    pub shutdown: CancellationToken,
+}
+
+impl Service {
+    pub fn new(parts: ServiceParts) -> Self {
+        let ServiceParts {
+            identity,
+            relay_url,
+            dialect,
+            relay,
+            router,
+            counters,
+            send_timeout,
+            max_message_bytes,
+            shutdown,
+        } = parts;
+        Service {
+            inner: Arc::new(Inner {
+                identity,
+                relay_url,
+                dialect,
+                relay,
+                router,
+                counters,
+                send_timeout,
+                max_message_bytes,
+                shutdown,
+            }),
+        }
+    }
+
+    /// Validates and encodes a send request. Nothing invalid reaches the relay.
+    fn encode(&self, request: &v1::SendRequest) -> Result<String, Status> {
+        let peer_uuid = Uuid::parse_str(&request.peer_uuid).map_err(|e| {
+            Status::invalid_argument(format!(
+                "peer_uuid: {:?} is not a UUID ({e})",
+                request.peer_uuid
+            ))
+        })?;
+        if !DESCRIPTION_TYPES.contains(&request.description_type.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "description_type: {:?} is not \"offer\" or \"answer\"",
+                request.description_type
+            )));
+        }
+        let identity = &self.inner.identity;
+        let frame = codec::encode(
+            &Frame::Peer(PeerConnection {
+                source_uuid: identity.uuid,
+                source_name: identity.name.clone(),
+                peer_uuid,
+                description_type: request.description_type.clone(),
+                description: request.description.clone(),
+                error: None,
+            }),
+            self.inner.dialect,
+        );
+        if frame.len() > self.inner.max_message_bytes {
+            return Err(Status::invalid_argument(format!(
+                "description: the message would be {} bytes on the wire, over the limit of {} (max_message_bytes)",
+                frame.len(),
+                self.inner.max_message_bytes
+            )));
+        }
+        Ok(frame)
+    }
+
+    /// How long a Send may wait for registration. With a caller's deadline,
+    /// a little less than it, so that the caller hears UNAVAILABLE from us
+    /// rather than tonic's own deadline error.
+    fn wait_budget<T>(&self, request: &Request<T>) -> Duration {
+        match call_timeout(request) {
+            Some(timeout) => timeout - (timeout / 10).min(DEADLINE_MARGIN),
+            None => self.inner.send_timeout,
+        }
+    }
+
+    fn status_message(&self, link: &LinkStatus) -> v1::GetStatusResponse {
+        let inner = &self.inner;
+        let c = inner.counters.snapshot();
+        v1::GetStatusResponse {
+            uuid: inner.identity.uuid.to_string(),
+            name: inner.identity.name.clone(),
+            relay_url: inner.relay_url.clone(),
+            dialect: inner.dialect.to_string(),
+            state: state_to_proto(link.state) as i32,
+            close_code: link.close_code.map(u32::from).unwrap_or(0),
+            detail: link.detail.clone(),
+            attempt: link.attempt,
+            retry_in: link.retry_at.map(|at| {
+                let left = at.saturating_duration_since(Instant::now());
+                relay_sidecar_proto::prost_types::Duration {
+                    seconds: left.as_secs() as i64,
+                    nanos: left.subsec_nanos() as i32,
+                }
+            }),
+            counters: Some(v1::Counters {
+                sent: c.sent,
+                received: c.received,
+                bounced: c.bounced,
+                dropped: c.dropped,
+                reconnects: c.reconnects,
+                subscribers: inner.router.subscribers() as u64,
+                undecodable: c.undecodable,
+                delivered: c.delivered,
+            }),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
+fn state_to_proto(state: ConnectionState) -> v1::ConnectionState {
+    match state {
+        ConnectionState::Idle => v1::ConnectionState::Idle,
+        ConnectionState::Connecting => v1::ConnectionState::Connecting,
+        ConnectionState::Registered => v1::ConnectionState::Registered,
+        ConnectionState::Backoff => v1::ConnectionState::Backoff,
+        ConnectionState::Failed => v1::ConnectionState::Failed,
+        ConnectionState::Stopping => v1::ConnectionState::Stopping,
+    }
+}
+
+fn message_to_proto(message: &PeerMessage) -> v1::SubscribeResponse {
+    let peer = &message.peer;
+    v1::SubscribeResponse {
+        message: Some(v1::PeerMessage {
+            source_uuid: peer.source_uuid.to_string(),
+            source_name: peer.source_name.clone(),
+            peer_uuid: peer.peer_uuid.to_string(),
+            description_type: peer.description_type.clone(),
+            description: peer.description.clone(),
+            error: peer.error.clone(),
+            bounced: message.bounced,
+        }),
+    }
+}
+
+impl From<SendError> for Status {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Failed { .. } => Status::failed_precondition(e.to_string()),
+            SendError::NotRegistered { .. } | SendError::Lost(_) | SendError::Stopping => {
+                Status::unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header, if it sent one.
+fn call_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl RelaySidecar for Service {
+    async fn get_status(
+        &self,
+        _request: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        let link = self.inner.relay.status();
+        Ok(Response::new(self.status_message(&link)))
+    }
+
+    type WatchStatusStream = ResponseStream<v1::WatchStatusResponse>;
+
+    async fn watch_status(
+        &self,
+        _request: Request<v1::WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let service = self.clone();
+        let mut last_state = None;
+        let mut stopped = false;
+        let stream = WatchStream::new(self.inner.relay.watch())
+            // One update per change of state; the attempt counter and retry
+            // time changing within BACKOFF are not news.
+            .filter(move |link| {
+                let changed = last_state != Some((link.state, link.close_code));
+                last_state = Some((link.state, link.close_code));
+                std::future::ready(changed)
+            })
+            // The stream ends after telling the caller the daemon is stopping.
+            .take_while(move |link| {
+                let more = !stopped;
+                stopped = link.state == ConnectionState::Stopping;
+                std::future::ready(more)
+            })
+            .map(move |link| {
+                Ok(v1::WatchStatusResponse {
+                    status: Some(service.status_message(&link)),
+                })
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn send(
+        &self,
+        request: Request<v1::SendRequest>,
+    ) -> Result<Response<v1::SendResponse>, Status> {
+        let frame = self.encode(request.get_ref())?;
+        self.inner
+            .relay
+            .send(frame, Instant::now() + self.wait_budget(&request))
+            .await?;
+        Ok(Response::new(v1::SendResponse {}))
+    }
+
+    type SubscribeStream = ResponseStream<v1::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let group = Some(request.into_inner().group).filter(|g| !g.is_empty());
+        let subscription = self.inner.router.subscribe(group);
+        self.inner.relay.wake();
+        let stream = subscription
+            .map(|message| Ok(message_to_proto(&message)))
+            .take_until(self.inner.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn reconnect(
+        &self,
+        _request: Request<v1::ReconnectRequest>,
+    ) -> Result<Response<v1::ReconnectResponse>, Status> {
+        self.inner.relay.reconnect().await?;
+        Ok(Response::new(v1::ReconnectResponse {}))
+    }
+}

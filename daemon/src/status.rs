@@ -1,0 +1,107 @@
+//! The daemon's own view of its relay link: the connection state machine's
+//! states, the published link status, and the message counters.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::time::Instant;
+
+/// The state of the relay connection. Transitions happen only in
+/// [`crate::relay`], which logs and publishes each one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Lazy mode: nothing opened yet.
+    Idle,
+    /// WebSocket handshake and registration under way.
+    Connecting,
+    /// Registered: messages flow.
+    Registered,
+    /// Waiting to retry after a failure.
+    Backoff,
+    /// Unrecoverable until `Reconnect` or a restart.
+    Failed,
+    /// The daemon is shutting down.
+    Stopping,
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectionState::Idle => "idle",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Registered => "registered",
+            ConnectionState::Backoff => "backoff",
+            ConnectionState::Failed => "failed",
+            ConnectionState::Stopping => "stopping",
+        })
+    }
+}
+
+/// What the relay task publishes at every transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub state: ConnectionState,
+    /// Close code of the last lost connection, if one was seen.
+    pub close_code: Option<u16>,
+    /// Why the link is in this state (close reason, error, refusal).
+    pub detail: String,
+    /// Consecutive failed attempts since the last registration.
+    pub attempt: u32,
+    /// When the next attempt starts, in `Backoff`.
+    pub retry_at: Option<Instant>,
+}
+
+impl LinkStatus {
+    pub fn new(state: ConnectionState) -> Self {
+        LinkStatus {
+            state,
+            close_code: None,
+            detail: String::new(),
+            attempt: 0,
+            retry_at: None,
+        }
+    }
+}
+
+/// Message counters, shared by the relay task, the router and the service.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub bounced: AtomicU64,
+    pub dropped: AtomicU64,
+    pub delivered: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub undecodable: AtomicU64,
+}
+
+/// A copy of [`Counters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub sent: u64,
+    pub received: u64,
+    pub bounced: u64,
+    pub dropped: u64,
+    pub delivered: u64,
+    pub reconnects: u64,
+    pub undecodable: u64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            sent: get(&self.sent),
+            received: get(&self.received),
+            bounced: get(&self.bounced),
+            dropped: get(&self.dropped),
+            delivered: get(&self.delivered),
+            reconnects: get(&self.reconnects),
+            undecodable: get(&self.undecodable),
+        }
+    }
+}
