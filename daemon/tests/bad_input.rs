@@ -1,0 +1,115 @@
+//! Bad input from a worker gets INVALID_ARGUMENT naming the field, never
+//! reaches the relay, and never costs the other workers the connection.
+
+mod support;
+
+use std::time::Duration;
+
+use relay_sidecar::devrelay::DevRelay;
+use relay_sidecar_client::proto::v1;
+use relay_sidecar_client::tonic::Code;
+use relay_sidecar_client::{DescriptionType, Error};
+use support::Dialect;
+use support::sidecar::{TestDaemon, registered};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn request(peer_uuid: &str, description_type: &str, description: String) -> v1::SendRequest {
+    v1::SendRequest {
+        peer_uuid: peer_uuid.to_owned(),
+        description_type: description_type.to_owned(),
+        description,
+        worker: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn bad_sends_are_refused_by_field_and_the_link_survives() {
+    let relay = DevRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        relay_sidecar::codec::Dialect::Current,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let a = TestDaemon::start(&relay.url(), Dialect::Current).await;
+    let b = TestDaemon::start(&relay.url(), Dialect::Current).await;
+    let (client_a, client_b) = (a.client().await, b.client().await);
+    let mut inbox_b = client_b.subscribe(None).await.unwrap();
+    registered(&client_a).await;
+    registered(&client_b).await;
+    let peer = b.uuid.to_string();
+    let mut raw = client_a.raw();
+
+    let cases = [
+        (request("not-a-uuid", "offer", "x".into()), "peer_uuid"),
+        (request("", "offer", "x".into()), "peer_uuid"),
+        (request(&peer, "pranswer", "x".into()), "description_type"),
+        (request(&peer, "", "x".into()), "description_type"),
+        (request(&peer, "offer", "x".repeat(1 << 20)), "description"),
+    ];
+    for (bad, field) in cases {
+        let status = raw.send(bad).await.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}:")),
+            "the message names {field}: {}",
+            status.message()
+        );
+    }
+    // Through the SDK, the same refusal is a typed error.
+    let oversized = client_a
+        .send(b.uuid, DescriptionType::Offer, "y".repeat(2 << 20))
+        .await;
+    assert!(matches!(oversized, Err(Error::InvalidArgument(m)) if m.starts_with("description:")));
+
+    // Nothing reached the relay, the link was never dropped, and the next
+    // good message goes through, and is the first B sees.
+    client_a
+        .send(b.uuid, DescriptionType::Offer, "good")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, inbox_b.next_message())
+        .await
+        .expect("good message in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.description, "good");
+    let status = client_a.status().await.unwrap();
+    assert_eq!(status.counters.sent, 1);
+    assert_eq!(status.counters.reconnects, 0);
+    assert_eq!(status.close_code, None);
+
+    // A message exactly at the limit is accepted.
+    let frame_overhead = {
+        let probe = relay_sidecar::codec::encode(
+            &relay_sidecar::codec::Frame::Peer(relay_sidecar::codec::PeerConnection {
+                source_uuid: a.uuid,
+                source_name: a.name.clone(),
+                peer_uuid: b.uuid,
+                description_type: "offer".into(),
+                description: String::new(),
+                error: None,
+            }),
+            relay_sidecar::codec::Dialect::Current,
+        );
+        probe.len()
+    };
+    let at_limit = "z".repeat((1 << 20) - frame_overhead);
+    client_a
+        .send(b.uuid, DescriptionType::Offer, at_limit.clone())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, inbox_b.next_message())
+        .await
+        .expect("message at the limit in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.description.len(), at_limit.len());
+    assert_eq!(client_a.status().await.unwrap().counters.reconnects, 0);
+
+    a.stop().await;
+    b.stop().await;
+    relay.stop().await;
+}

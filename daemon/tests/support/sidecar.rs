@@ -1,0 +1,139 @@
+//! Starting a relay-sidecar daemon for a test: in-process on a temp-dir
+//! socket, or as the real binary in a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use relay_sidecar::Daemon;
+use relay_sidecar::codec::Dialect as WireDialect;
+use relay_sidecar::config::Settings;
+use relay_sidecar_client::{Client, ConnectionState, Status, StatusStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::Dialect;
+
+/// Bound on waiting for a state in tests (a failure guard, not a delay).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl From<Dialect> for WireDialect {
+    fn from(d: Dialect) -> Self {
+        match d {
+            Dialect::Current => WireDialect::Current,
+            Dialect::Legacy => WireDialect::Legacy,
+        }
+    }
+}
+
+/// Settings for a test daemon: a temp-dir socket and state, fast retries.
+pub fn settings(dir: &Path, relay_url: &str, dialect: Dialect) -> Settings {
+    Settings {
+        relay_url: Some(relay_url.to_owned()),
+        dialect: dialect.into(),
+        name: Some("sidecar-under-test".into()),
+        socket: Some(dir.join("relay.sock")),
+        state_dir: Some(dir.join("state")),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        ..Settings::default()
+    }
+}
+
+/// A daemon running in this process.
+pub struct TestDaemon {
+    pub socket: PathBuf,
+    pub uuid: uuid::Uuid,
+    pub name: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), relay_sidecar::Error>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon on `relay_url` in a fresh temp dir.
+    pub async fn start(relay_url: &str, dialect: Dialect) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let settings = settings(dir.path(), relay_url, dialect);
+        let mut daemon = TestDaemon::start_with(settings).await;
+        daemon._dir = Some(dir);
+        daemon
+    }
+
+    /// Starts a daemon with explicit settings.
+    pub async fn start_with(settings: Settings) -> TestDaemon {
+        let shutdown = CancellationToken::new();
+        let daemon = Daemon::start(settings, shutdown.clone())
+            .await
+            .expect("daemon starts");
+        let socket = daemon.socket_path().to_path_buf();
+        let (uuid, name) = (daemon.identity().uuid, daemon.identity().name.clone());
+        let task = tokio::spawn(daemon.wait());
+        TestDaemon {
+            socket,
+            uuid,
+            name,
+            shutdown,
+            task,
+            _dir: None,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        relay_sidecar_client::connect(&self.socket)
+            .await
+            .expect("client connects to the test daemon")
+    }
+
+    /// Stops the daemon and waits until it has.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("daemon task")
+            .expect("daemon stops cleanly");
+    }
+}
+
+/// Reads a status stream until `state` is seen; returns that status.
+pub async fn wait_for_state(statuses: &mut StatusStream, state: ConnectionState) -> Status {
+    let wait = async {
+        loop {
+            let status = statuses
+                .next_status()
+                .await
+                .expect("status stream")
+                .expect("status stream open");
+            if status.state == state {
+                return status;
+            }
+        }
+    };
+    tokio::time::timeout(STATE_TIMEOUT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {state:?} within {STATE_TIMEOUT:?}"))
+}
+
+/// Waits until the daemon behind `client` is registered.
+pub async fn registered(client: &Client) -> Status {
+    let mut statuses = client.watch_status().await.expect("watch status");
+    wait_for_state(&mut statuses, ConnectionState::Registered).await
+}
+
+/// The daemon binary, run as a child process.
+pub fn daemon_command() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-sidecar"));
+    command
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // Only what a test sets explicitly reaches the daemon's settings.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("RELAY_SIDECAR_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
