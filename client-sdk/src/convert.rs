@@ -42,6 +42,9 @@ impl From<v1::Counters> for Counters {
             subscribers: c.subscribers,
             undecodable: c.undecodable,
             delivered: c.delivered,
+            dropped_no_subscriber: c.dropped_no_subscriber,
+            dropped_queue_full: c.dropped_queue_full,
+            workers: c.workers,
         }
     }
 }
@@ -147,6 +150,9 @@ mod tests {
                 subscribers: 6,
                 undecodable: 7,
                 delivered: 8,
+                dropped_no_subscriber: 9,
+                dropped_queue_full: 10,
+                workers: 11,
             }),
             version: "0.1.0".into(),
         }
@@ -172,9 +178,12 @@ mod tests {
                 c.reconnects,
                 c.subscribers,
                 c.undecodable,
-                c.delivered
+                c.delivered,
+                c.dropped_no_subscriber,
+                c.dropped_queue_full,
+                c.workers
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
         );
         assert_eq!(s.version, "0.1.0");
     }

@@ -29,6 +29,11 @@ pub enum Error {
     /// retry (`UNAVAILABLE`).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The message was written to the relay, but the connection was lost
+    /// before the relay confirmed it: it may or may not have been forwarded
+    /// (`UNKNOWN`). Retrying may deliver it twice.
+    #[error("unconfirmed: {0}")]
+    Unconfirmed(String),
     /// The relay connection is FAILED; call [`Client::reconnect`] once the
     /// cause is fixed (`FAILED_PRECONDITION`).
     ///
@@ -53,6 +58,7 @@ impl From<tonic::Status> for Error {
         match status.code() {
             Code::InvalidArgument => Error::InvalidArgument(message()),
             Code::Unavailable => Error::Unavailable(message()),
+            Code::Unknown => Error::Unconfirmed(message()),
             Code::FailedPrecondition => Error::FailedPrecondition(message()),
             Code::PermissionDenied => Error::PermissionDenied(message()),
             _ => Error::Status(status),
@@ -95,6 +101,10 @@ mod tests {
             (
                 tonic::Status::unavailable("not registered"),
                 "unavailable: not registered",
+            ),
+            (
+                tonic::Status::unknown("connection lost"),
+                "unconfirmed: connection lost",
             ),
             (
                 tonic::Status::failed_precondition("4004"),

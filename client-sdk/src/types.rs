@@ -127,6 +127,12 @@ pub struct Counters {
     pub undecodable: u64,
     /// Inbound messages handed to a subscriber's stream.
     pub delivered: u64,
+    /// Of `dropped`: lost while nobody was subscribed and the buffer was full.
+    pub dropped_no_subscriber: u64,
+    /// Of `dropped`: lost by a group whose members' queues were all full.
+    pub dropped_queue_full: u64,
+    /// Distinct workers with an open Subscribe stream now.
+    pub workers: u64,
 }
 
 /// The daemon's identity, connection state and counters.

@@ -69,6 +69,9 @@ pub struct Settings {
     pub subscriber_queue: usize,
     /// Messages kept while nobody is subscribed.
     pub backlog: usize,
+    /// How long a worker's send to a peer binds that peer's replies to it.
+    #[serde(with = "humantime_serde")]
+    pub affinity: Duration,
     /// Run an embedded relay on loopback and use it.
     pub dev: bool,
     /// Where the embedded relay listens.
@@ -104,6 +107,7 @@ impl Default for Settings {
             max_message_bytes: 1 << 20,
             subscriber_queue: 1024,
             backlog: 1024,
+            affinity: Duration::from_secs(60),
             dev: false,
             dev_listen: "127.0.0.1:8700".into(),
             log_format: "auto".into(),
@@ -213,6 +217,7 @@ impl Settings {
             ("backoff_max", self.backoff_max),
             ("ping_interval", self.ping_interval),
             ("ping_timeout", self.ping_timeout),
+            ("affinity", self.affinity),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(key, "must be more than zero"));

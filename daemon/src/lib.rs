@@ -130,6 +130,7 @@ impl Daemon {
             Limits {
                 subscriber_queue: settings.subscriber_queue,
                 backlog: settings.backlog,
+                affinity: settings.affinity,
             },
             Arc::clone(&counters),
         );

@@ -1,18 +1,24 @@
 //! Hands inbound relay messages to local subscribers.
 //!
 //! Every group gets each message once: a subscriber without a group is a
-//! group of its own, members of a named group take turns. Nothing here ever
-//! waits: a full subscriber queue costs that subscriber the message (counted),
+//! group of its own, members of a named group take turns. Reply affinity
+//! comes first: after worker W sent to peer P, messages from P (and the
+//! relay's returns of W's sends to P) go to W's subscription in each group.
+//! Nothing here ever waits: a full subscriber queue passes the message to
+//! another member of its group, or costs that group the message (counted),
 //! never the relay reader or another subscriber. While nobody is subscribed,
 //! messages wait in a bounded backlog for the first subscriber.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
+use uuid::Uuid;
 
 use crate::codec::PeerConnection;
 use crate::status::Counters;
@@ -25,13 +31,52 @@ pub struct PeerMessage {
     pub bounced: bool,
 }
 
-/// Queue sizes, from the daemon's settings.
+impl PeerMessage {
+    /// The remote peer this message is about: its sender, or for a bounce
+    /// the peer our message was meant for.
+    fn remote(&self) -> Uuid {
+        if self.bounced {
+            self.peer.peer_uuid
+        } else {
+            self.peer.source_uuid
+        }
+    }
+}
+
+/// Who a local caller is: the request's `worker` label, else its process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Worker(Arc<str>);
+
+impl Worker {
+    /// A worker named by its own label.
+    pub fn label(label: &str) -> Worker {
+        Worker(Arc::from(label))
+    }
+
+    /// A worker known only by its process id.
+    pub fn process(pid: i32) -> Worker {
+        Worker(Arc::from(format!("pid:{pid}")))
+    }
+
+    /// Callers that the daemon cannot tell apart (no label, no credentials).
+    pub fn anonymous() -> Worker {
+        Worker(Arc::from("anonymous"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Queue sizes and times, from the daemon's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Messages a subscriber may have waiting before it loses messages.
     pub subscriber_queue: usize,
     /// Messages kept while nobody is subscribed.
     pub backlog: usize,
+    /// How long a send to a peer binds that peer's replies to the sender.
+    pub affinity: Duration,
 }
 
 /// The router: shared by the relay task (which dispatches) and the gRPC
@@ -50,12 +95,15 @@ struct Inner {
     /// Turn-taking position per named group.
     turns: Vec<(String, usize)>,
     backlog: VecDeque<Arc<PeerMessage>>,
+    /// Remote peer -> the worker that last sent to it, and until when.
+    affinity: HashMap<Uuid, (Worker, Instant)>,
 }
 
 #[derive(Debug)]
 struct Subscriber {
     id: u64,
     group: Option<String>,
+    worker: Worker,
     tx: mpsc::Sender<Arc<PeerMessage>>,
 }
 
@@ -67,6 +115,7 @@ impl Router {
                 subscribers: Vec::new(),
                 turns: Vec::new(),
                 backlog: VecDeque::new(),
+                affinity: HashMap::new(),
             }),
             counters,
             limits,
@@ -84,8 +133,33 @@ impl Router {
         self.lock().subscribers.len()
     }
 
+    /// Distinct workers with an open subscription now.
+    pub fn workers(&self) -> usize {
+        let inner = self.lock();
+        let mut workers: Vec<&Worker> = inner.subscribers.iter().map(|s| &s.worker).collect();
+        workers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        workers.dedup();
+        workers.len()
+    }
+
+    /// Records that `worker` is sending to `peer`: the peer's replies (and
+    /// the relay's returns of this send) prefer that worker for a while.
+    /// Called before the message is written, since a reply can be quick.
+    pub fn note_send(&self, worker: &Worker, peer: Uuid) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner
+            .affinity
+            .insert(peer, (worker.clone(), now + self.limits.affinity));
+        // Forget expired bindings now and then, so the map stays as small as
+        // the set of peers talked to recently.
+        if inner.affinity.len() > 1024 && inner.affinity.len().is_power_of_two() {
+            inner.affinity.retain(|_, (_, until)| *until > now);
+        }
+    }
+
     /// Adds a subscriber. The first subscriber also receives the backlog.
-    pub fn subscribe(self: &Arc<Self>, group: Option<String>) -> Subscription {
+    pub fn subscribe(self: &Arc<Self>, group: Option<String>, worker: Worker) -> Subscription {
         let mut inner = self.lock();
         let backlog = std::mem::take(&mut inner.backlog);
         let (tx, rx) = mpsc::channel(self.limits.subscriber_queue + backlog.len());
@@ -95,8 +169,18 @@ impl Router {
         }
         let id = inner.next_id;
         inner.next_id += 1;
-        inner.subscribers.push(Subscriber { id, group, tx });
-        debug!(subscriber = id, "subscribed");
+        debug!(
+            subscriber = id,
+            worker = worker.as_str(),
+            group = group.as_deref(),
+            "subscribed"
+        );
+        inner.subscribers.push(Subscriber {
+            id,
+            group,
+            worker,
+            tx,
+        });
         Subscription {
             id,
             rx,
@@ -119,7 +203,7 @@ impl Router {
             inner.backlog.push_back(message);
             if inner.backlog.len() > self.limits.backlog {
                 inner.backlog.pop_front();
-                Counters::add(&self.counters.dropped, 1);
+                Counters::add(&self.counters.dropped_no_subscriber, 1);
                 warn!(
                     limit = self.limits.backlog,
                     "no subscriber and the backlog is full: dropped the oldest message"
@@ -128,6 +212,10 @@ impl Router {
             return;
         }
 
+        let preferred = match inner.affinity.get(&message.remote()) {
+            Some((worker, until)) if *until > Instant::now() => Some(worker.clone()),
+            _ => None,
+        };
         let mut delivered = 0;
         let mut dropped = 0;
         let mut closed = false;
@@ -139,8 +227,9 @@ impl Router {
                 Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
             }
         }
-        // Each named group gets it once, from the member whose turn it is;
-        // when that member is full the next one takes it.
+        // Each named group gets it once: from the preferred worker's
+        // subscription if it has one there, else from the member whose turn
+        // it is; a full member passes it on to the next.
         let mut seen: Vec<&str> = Vec::new();
         for sub in &inner.subscribers {
             let Some(group) = sub.group.as_deref() else {
@@ -162,13 +251,18 @@ impl Router {
                     &mut inner.turns.last_mut().expect("just pushed").1
                 }
             };
-            let start = *turn;
+            let affine = preferred
+                .as_ref()
+                .and_then(|w| members.iter().position(|m| &m.worker == w));
+            let start = affine.unwrap_or(*turn);
             let mut taken = false;
             for offset in 0..members.len() {
                 let index = (start + offset) % members.len();
                 match members[index].tx.try_send(Arc::clone(&message)) {
                     Ok(()) => {
-                        *turn = index + 1;
+                        if affine.is_none() {
+                            *turn = index + 1;
+                        }
                         taken = true;
                         break;
                     }
@@ -187,7 +281,7 @@ impl Router {
         }
         Counters::add(&self.counters.delivered, delivered);
         if dropped > 0 {
-            Counters::add(&self.counters.dropped, dropped);
+            Counters::add(&self.counters.dropped_queue_full, dropped);
             warn!(dropped, "subscriber queue full: message dropped");
         }
     }
@@ -222,9 +316,13 @@ mod tests {
     use super::*;
 
     fn message(n: usize) -> PeerMessage {
+        from(Uuid::nil(), n)
+    }
+
+    fn from(source: Uuid, n: usize) -> PeerMessage {
         PeerMessage {
             peer: PeerConnection {
-                source_uuid: uuid::Uuid::nil(),
+                source_uuid: source,
                 source_name: "peer".into(),
                 peer_uuid: uuid::Uuid::nil(),
                 description_type: "offer".into(),
@@ -240,6 +338,7 @@ mod tests {
         let limits = Limits {
             subscriber_queue,
             backlog,
+            affinity: Duration::from_secs(60),
         };
         (Router::new(limits, Arc::clone(&counters)), counters)
     }
@@ -258,17 +357,17 @@ mod tests {
         for n in 0..5 {
             router.dispatch(message(n));
         }
-        let mut sub = router.subscribe(None);
+        let mut sub = router.subscribe(None, Worker::label("w"));
         assert_eq!(drain(&mut sub), ["2", "3", "4"]);
-        assert_eq!(counters.snapshot().dropped, 2);
+        assert_eq!(counters.snapshot().dropped_no_subscriber, 2);
     }
 
     #[test]
     fn groups_share_and_ungrouped_see_everything() {
         let (router, counters) = router(100, 10);
-        let mut a1 = router.subscribe(Some("a".into()));
-        let mut a2 = router.subscribe(Some("a".into()));
-        let mut solo = router.subscribe(None);
+        let mut a1 = router.subscribe(Some("a".into()), Worker::process(1));
+        let mut a2 = router.subscribe(Some("a".into()), Worker::process(1));
+        let mut solo = router.subscribe(None, Worker::label("w"));
         for n in 0..10 {
             router.dispatch(message(n));
         }
@@ -282,20 +381,20 @@ mod tests {
     #[test]
     fn full_member_passes_its_turn_and_full_group_counts_a_drop() {
         let (router, counters) = router(1, 10);
-        let mut a1 = router.subscribe(Some("a".into()));
-        let mut a2 = router.subscribe(Some("a".into()));
+        let mut a1 = router.subscribe(Some("a".into()), Worker::process(1));
+        let mut a2 = router.subscribe(Some("a".into()), Worker::process(1));
         for n in 0..3 {
             router.dispatch(message(n));
         }
         assert_eq!(drain(&mut a1), ["0"]);
         assert_eq!(drain(&mut a2), ["1"]);
-        assert_eq!(counters.snapshot().dropped, 1);
+        assert_eq!(counters.snapshot().dropped_queue_full, 1);
     }
 
     #[tokio::test]
     async fn dropping_a_subscription_unsubscribes_at_once() {
         let (router, _) = router(4, 4);
-        let mut sub = router.subscribe(None);
+        let mut sub = router.subscribe(None, Worker::label("w"));
         router.dispatch(message(0));
         assert_eq!(sub.next().await.unwrap().peer.description, "0");
         assert_eq!(router.subscribers(), 1);
@@ -303,7 +402,54 @@ mod tests {
         assert_eq!(router.subscribers(), 0);
         // With nobody left, messages wait in the backlog again.
         router.dispatch(message(1));
-        let mut next = router.subscribe(None);
+        let mut next = router.subscribe(None, Worker::label("w"));
         assert_eq!(drain(&mut next), ["1"]);
+    }
+
+    #[test]
+    fn replies_follow_the_worker_that_sent_and_fall_back_when_it_leaves() {
+        let (router, _) = router(100, 10);
+        let (p1, p2) = (Uuid::new_v4(), Uuid::new_v4());
+        let (w1, w2) = (Worker::label("w1"), Worker::label("w2"));
+        let mut s1 = router.subscribe(Some("g".into()), w1.clone());
+        let mut s2 = router.subscribe(Some("g".into()), w2.clone());
+        let mut other_group = router.subscribe(Some("h".into()), Worker::label("x"));
+        router.note_send(&w1, p1);
+        router.note_send(&w2, p2);
+        for n in 0..4 {
+            router.dispatch(from(p1, n));
+            router.dispatch(from(p2, 10 + n));
+        }
+        assert_eq!(drain(&mut s1), ["0", "1", "2", "3"]);
+        assert_eq!(drain(&mut s2), ["10", "11", "12", "13"]);
+        // Another group still gets every message once.
+        assert_eq!(drain(&mut other_group).len(), 8);
+
+        // A bounce of w2's send to p1 would be keyed by p1; the latest send wins.
+        router.note_send(&w2, p1);
+        router.dispatch(from(p1, 20));
+        assert_eq!(drain(&mut s2), ["20"]);
+
+        // w2 leaves: its peers' messages go to the rest of the group.
+        drop(s2);
+        router.dispatch(from(p2, 30));
+        assert_eq!(drain(&mut s1), ["30"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn affinity_expires() {
+        let (router, _) = router(100, 10);
+        let peer = Uuid::new_v4();
+        let mut s1 = router.subscribe(Some("g".into()), Worker::label("w1"));
+        let mut s2 = router.subscribe(Some("g".into()), Worker::label("w2"));
+        router.note_send(&Worker::label("w2"), peer);
+        router.dispatch(from(peer, 0));
+        assert_eq!(drain(&mut s2), ["0"]);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // Back to taking turns: w1's turn comes first.
+        router.dispatch(from(peer, 1));
+        router.dispatch(from(peer, 2));
+        assert_eq!(drain(&mut s1), ["1"]);
+        assert_eq!(drain(&mut s2), ["2"]);
     }
 }

@@ -12,13 +12,14 @@ use relay_sidecar_proto::v1::relay_sidecar_server::RelaySidecar;
 use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::codec::{self, DESCRIPTION_TYPES, Dialect, Frame, PeerConnection};
 use crate::identity::Identity;
 use crate::relay::{Handle, SendError};
-use crate::router::{PeerMessage, Router};
+use crate::router::{PeerMessage, Router, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
 /// The most a Send keeps back from the caller's deadline to answer in time.
@@ -89,7 +90,7 @@ impl Service {
     }
 
     /// Validates and encodes a send request. Nothing invalid reaches the relay.
-    fn encode(&self, request: &v1::SendRequest) -> Result<String, Status> {
+    fn encode(&self, request: &v1::SendRequest) -> Result<(Uuid, String), Status> {
         let peer_uuid = Uuid::parse_str(&request.peer_uuid).map_err(|e| {
             Status::invalid_argument(format!(
                 "peer_uuid: {:?} is not a UUID ({e})",
@@ -121,7 +122,7 @@ impl Service {
                 self.inner.max_message_bytes
             )));
         }
-        Ok(frame)
+        Ok((peer_uuid, frame))
     }
 
     /// How long a Send may wait for registration. With a caller's deadline,
@@ -157,11 +158,14 @@ impl Service {
                 sent: c.sent,
                 received: c.received,
                 bounced: c.bounced,
-                dropped: c.dropped,
+                dropped: c.dropped(),
                 reconnects: c.reconnects,
                 subscribers: inner.router.subscribers() as u64,
                 undecodable: c.undecodable,
                 delivered: c.delivered,
+                dropped_no_subscriber: c.dropped_no_subscriber,
+                dropped_queue_full: c.dropped_queue_full,
+                workers: inner.router.workers() as u64,
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -198,11 +202,27 @@ impl From<SendError> for Status {
     fn from(e: SendError) -> Self {
         match e {
             SendError::Failed { .. } => Status::failed_precondition(e.to_string()),
-            SendError::NotRegistered { .. } | SendError::Lost(_) | SendError::Stopping => {
+            SendError::NotRegistered { .. } | SendError::Stopping => {
                 Status::unavailable(e.to_string())
             }
+            SendError::Unconfirmed(_) => Status::unknown(e.to_string()),
         }
     }
+}
+
+/// Who is calling: the request's worker label, else the calling process from
+/// the Unix socket's peer credentials.
+fn caller<T>(request: &Request<T>, label: &str) -> Worker {
+    if !label.is_empty() {
+        return Worker::label(label);
+    }
+    request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .and_then(|cred| cred.pid())
+        .map(Worker::process)
+        .unwrap_or_else(Worker::anonymous)
 }
 
 /// The caller's deadline from the `grpc-timeout` header, if it sent one.
@@ -266,7 +286,9 @@ impl RelaySidecar for Service {
         &self,
         request: Request<v1::SendRequest>,
     ) -> Result<Response<v1::SendResponse>, Status> {
-        let frame = self.encode(request.get_ref())?;
+        let (peer, frame) = self.encode(request.get_ref())?;
+        let worker = caller(&request, &request.get_ref().worker);
+        self.inner.router.note_send(&worker, peer);
         self.inner
             .relay
             .send(frame, Instant::now() + self.wait_budget(&request))
@@ -280,8 +302,9 @@ impl RelaySidecar for Service {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let worker = caller(&request, &request.get_ref().worker);
         let group = Some(request.into_inner().group).filter(|g| !g.is_empty());
-        let subscription = self.inner.router.subscribe(group);
+        let subscription = self.inner.router.subscribe(group, worker);
         self.inner.relay.wake();
         let stream = subscription
             .map(|message| Ok(message_to_proto(&message)))

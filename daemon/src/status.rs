@@ -69,7 +69,10 @@ pub struct Counters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub bounced: AtomicU64,
-    pub dropped: AtomicU64,
+    /// Dropped because the backlog was full while nobody was subscribed.
+    pub dropped_no_subscriber: AtomicU64,
+    /// Dropped for a group because every member's queue was full.
+    pub dropped_queue_full: AtomicU64,
     pub delivered: AtomicU64,
     pub reconnects: AtomicU64,
     pub undecodable: AtomicU64,
@@ -81,10 +84,18 @@ pub struct CounterSnapshot {
     pub sent: u64,
     pub received: u64,
     pub bounced: u64,
-    pub dropped: u64,
+    pub dropped_no_subscriber: u64,
+    pub dropped_queue_full: u64,
     pub delivered: u64,
     pub reconnects: u64,
     pub undecodable: u64,
+}
+
+impl CounterSnapshot {
+    /// Every inbound message dropped, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_no_subscriber + self.dropped_queue_full
+    }
 }
 
 impl Counters {
@@ -98,7 +109,8 @@ impl Counters {
             sent: get(&self.sent),
             received: get(&self.received),
             bounced: get(&self.bounced),
-            dropped: get(&self.dropped),
+            dropped_no_subscriber: get(&self.dropped_no_subscriber),
+            dropped_queue_full: get(&self.dropped_queue_full),
             delivered: get(&self.delivered),
             reconnects: get(&self.reconnects),
             undecodable: get(&self.undecodable),

@@ -186,8 +186,18 @@ fn print_status(s: &Status) {
         ),
     );
     row(
+        "dropped",
+        &format_args!(
+            "no subscriber {}, queue full {}",
+            c.dropped_no_subscriber, c.dropped_queue_full
+        ),
+    );
+    row(
         "connection",
-        &format_args!("reconnects {}, subscribers {}", c.reconnects, c.subscribers),
+        &format_args!(
+            "reconnects {}, subscribers {}, workers {}",
+            c.reconnects, c.subscribers, c.workers
+        ),
     );
     row("version", &s.version);
 }
@@ -202,6 +212,8 @@ fn status_json(s: &Status) -> Value {
             "sent": c.sent, "received": c.received, "bounced": c.bounced, "dropped": c.dropped,
             "reconnects": c.reconnects, "subscribers": c.subscribers,
             "undecodable": c.undecodable, "delivered": c.delivered,
+            "dropped_no_subscriber": c.dropped_no_subscriber,
+            "dropped_queue_full": c.dropped_queue_full, "workers": c.workers,
         },
         "version": s.version,
     })

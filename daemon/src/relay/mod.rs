@@ -5,9 +5,17 @@
 //! The state machine ([`ConnectionState`]) lives here and only here: every
 //! transition goes through [`Connection::publish`], which logs it and
 //! broadcasts it on a watch channel.
+//!
+//! The relay never acknowledges a forward, so each batch of sends is followed
+//! by a probe: a message from this host to itself. The relay handles one
+//! socket's frames in order, so when the probe comes back every send before
+//! it has been handled (forwarded, or returned as a bounce), and only then do
+//! those senders hear OK. Sends whose probe is lost with the connection are
+//! reported as unconfirmed, never as OK.
 
 mod tls;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,8 +83,10 @@ pub enum SendError {
     },
     #[error("relay connection failed{}: {detail}; call Reconnect once the cause is fixed", code_suffix(*.code))]
     Failed { code: Option<u16>, detail: String },
-    #[error("relay connection lost while writing: {0}")]
-    Lost(String),
+    #[error(
+        "relay connection lost before the relay confirmed the message, which may or may not have been forwarded: {0}"
+    )]
+    Unconfirmed(String),
     #[error("the daemon is stopping")]
     Stopping,
 }
@@ -101,15 +111,26 @@ enum Undelivered {
     NotRegistered(String),
     /// The deadline passed before the frame could be written.
     Expired,
-    /// The write failed; the frame may or may not have left.
-    Lost(String),
+    /// Written, but the connection ended before the relay confirmed it.
+    Unconfirmed(String),
+    /// The daemon stopped before the frame was written.
+    Stopping,
+}
+
+type Reply = oneshot::Sender<Result<(), Undelivered>>;
+
+/// Sends written to the relay, waiting for the probe written after them.
+#[derive(Debug)]
+struct Pending {
+    probe: u64,
+    replies: Vec<Reply>,
 }
 
 #[derive(Debug)]
 struct Outbound {
     frame: String,
     deadline: Instant,
-    reply: oneshot::Sender<Result<(), Undelivered>>,
+    reply: Reply,
 }
 
 #[derive(Debug)]
@@ -200,8 +221,10 @@ impl Handle {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(Undelivered::NotRegistered(back))) => frame = back,
                 Ok(Err(Undelivered::Expired)) => return Err(self.not_registered()),
-                Ok(Err(Undelivered::Lost(why))) => return Err(SendError::Lost(why)),
-                Err(_) => return Err(SendError::Stopping),
+                Ok(Err(Undelivered::Unconfirmed(why))) => {
+                    return Err(SendError::Unconfirmed(why));
+                }
+                Ok(Err(Undelivered::Stopping)) | Err(_) => return Err(SendError::Stopping),
             }
         }
     }
@@ -243,6 +266,12 @@ pub struct Connection {
     status: watch::Sender<LinkStatus>,
     shutdown: CancellationToken,
     registrations: u64,
+    /// Written sends waiting for their probe, oldest first.
+    pending: VecDeque<Pending>,
+    next_probe: u64,
+    /// Marks this daemon's probes (random per start, so no peer's message
+    /// can pass for one).
+    probe_tag: String,
 }
 
 impl Connection {
@@ -267,6 +296,9 @@ impl Connection {
             status: status_tx,
             shutdown,
             registrations: 0,
+            pending: VecDeque::new(),
+            next_probe: 0,
+            probe_tag: format!("relay-sidecar-probe:{}:", Uuid::new_v4().simple()),
         };
         let handle = Handle {
             commands: command_tx,
@@ -374,9 +406,7 @@ impl Connection {
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Send(out) = command {
-                let _ = out
-                    .reply
-                    .send(Err(Undelivered::Lost("the daemon is stopping".into())));
+                let _ = out.reply.send(Err(Undelivered::Stopping));
             }
         }
     }
@@ -576,8 +606,27 @@ impl Connection {
         Ok(request)
     }
 
-    /// Serves one registered connection until it ends.
-    async fn session(&mut self, mut socket: Socket) -> SessionEnd {
+    /// Serves one registered connection until it ends. Sends still waiting
+    /// for confirmation then are told so.
+    async fn session(&mut self, socket: Socket) -> SessionEnd {
+        let end = self.serve_session(socket).await;
+        let why = match &end {
+            SessionEnd::Shutdown => "the daemon is stopping".to_owned(),
+            SessionEnd::ReconnectRequested => "reconnect requested".to_owned(),
+            SessionEnd::Closed { code, reason } => match code {
+                Some(code) => format!("closed with {code}: {reason}"),
+                None => reason.clone(),
+            },
+        };
+        for pending in self.pending.drain(..) {
+            for reply in pending.replies {
+                let _ = reply.send(Err(Undelivered::Unconfirmed(why.clone())));
+            }
+        }
+        end
+    }
+
+    async fn serve_session(&mut self, mut socket: Socket) -> SessionEnd {
         let mut ping = tokio::time::interval_at(
             Instant::now() + self.options.ping_interval,
             self.options.ping_interval,
@@ -587,6 +636,7 @@ impl Connection {
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => {
+                    self.settle(&mut socket).await;
                     close(&mut socket, CloseCode::Normal, "relay-sidecar stopping").await;
                     return SessionEnd::Shutdown;
                 }
@@ -619,11 +669,13 @@ impl Connection {
                     }
                     Some(Command::Reconnect) => {
                         info!("reconnect requested");
+                        self.settle(&mut socket).await;
                         close(&mut socket, CloseCode::Normal, "reconnect requested").await;
                         return SessionEnd::ReconnectRequested;
                     }
                     Some(Command::Wake) => {}
                     None => {
+                        self.settle(&mut socket).await;
                         close(&mut socket, CloseCode::Normal, "relay-sidecar stopping").await;
                         return SessionEnd::Shutdown;
                     }
@@ -648,8 +700,8 @@ impl Connection {
         }
     }
 
-    /// Writes `first` and whatever other sends are already queued, then
-    /// flushes once. Every sender hears how it went.
+    /// Writes `first` and whatever other sends are already queued, then a
+    /// probe, and flushes once. The senders hear OK when the probe returns.
     async fn write_batch(
         &mut self,
         socket: &mut Socket,
@@ -674,38 +726,37 @@ impl Connection {
                 }
             }
         }
-        let mut result = Ok(());
-        for out in &mut batch {
-            let frame = std::mem::take(&mut out.frame);
-            if let Err(e) = socket.feed(Message::text(frame)).await {
-                result = Err(e);
-                break;
-            }
-        }
-        if result.is_ok() {
-            result = socket.flush().await;
-        }
-        match result {
-            Ok(()) => {
-                Counters::add(&self.counters.sent, batch.len() as u64);
-                for out in batch {
-                    let _ = out.reply.send(Ok(()));
+        if !batch.is_empty() {
+            let probe = self.next_probe;
+            self.next_probe += 1;
+            let mut replies = Vec::with_capacity(batch.len());
+            let mut result = Ok(());
+            for out in batch {
+                replies.push(out.reply);
+                if result.is_ok() {
+                    result = socket.feed(Message::text(out.frame)).await;
                 }
             }
-            Err(e) => {
-                let why = e.to_string();
-                for out in batch {
-                    let _ = out.reply.send(Err(Undelivered::Lost(why.clone())));
-                }
+            if result.is_ok() {
+                result = socket.feed(Message::text(self.probe_frame(probe))).await;
+            }
+            if result.is_ok() {
+                result = socket.flush().await;
+            }
+            // Written or not, the senders wait for the probe: if the write
+            // failed, the session ends and tells them it is unconfirmed.
+            self.pending.push_back(Pending { probe, replies });
+            if let Err(e) = result {
                 return Err(SessionEnd::Closed {
                     code: None,
-                    reason: format!("connection lost while writing: {why}"),
+                    reason: format!("connection lost while writing: {e}"),
                 });
             }
         }
         match deferred {
             Some(Command::Reconnect) => {
                 info!("reconnect requested");
+                self.settle(socket).await;
                 close(socket, CloseCode::Normal, "reconnect requested").await;
                 Err(SessionEnd::ReconnectRequested)
             }
@@ -713,10 +764,61 @@ impl Connection {
         }
     }
 
+    /// The probe that follows batch `seq`: a message to ourselves.
+    fn probe_frame(&self, seq: u64) -> String {
+        codec::encode(
+            &Frame::Peer(codec::PeerConnection {
+                source_uuid: self.options.uuid,
+                source_name: self.options.name.clone(),
+                peer_uuid: self.options.uuid,
+                description_type: "offer".into(),
+                description: format!("{}{seq}", self.probe_tag),
+                error: None,
+            }),
+            self.options.dialect,
+        )
+    }
+
+    /// If `peer` is one of our probes, confirms the sends before it.
+    fn on_probe(&mut self, peer: &codec::PeerConnection) -> bool {
+        if peer.source_uuid != self.options.uuid {
+            return false;
+        }
+        let Some(seq) = peer
+            .description
+            .strip_prefix(&self.probe_tag)
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        while self.pending.front().is_some_and(|p| p.probe <= seq) {
+            let done = self.pending.pop_front().expect("front exists");
+            Counters::add(&self.counters.sent, done.replies.len() as u64);
+            for reply in done.replies {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        true
+    }
+
+    /// Before a deliberate close: reads until every written send is
+    /// confirmed, for at most [`CLOSE_GRACE`].
+    async fn settle(&mut self, socket: &mut Socket) {
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while !self.pending.is_empty() {
+            match timeout_at(deadline, socket.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => self.on_text(&text),
+                Ok(Some(Ok(_))) => {}
+                _ => return,
+            }
+        }
+    }
+
     /// Handles one text frame from the relay. Never fails: what does not
     /// decode is counted and logged.
-    fn on_text(&self, text: &str) {
+    fn on_text(&mut self, text: &str) {
         match codec::decode(text, self.options.dialect) {
+            Ok(Frame::Peer(peer)) if self.on_probe(&peer) => {}
             Ok(Frame::Peer(peer)) => {
                 Counters::add(&self.counters.received, 1);
                 let bounced = peer.source_uuid == self.options.uuid && peer.error.is_some();
