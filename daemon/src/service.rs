@@ -22,6 +22,9 @@ use crate::relay::{Handle, SendError};
 use crate::router::{PeerMessage, Router, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
+/// How many messages of one SendStream may be on their way at once.
+const IN_FLIGHT: usize = 1024;
+
 /// The most a Send keeps back from the caller's deadline to answer in time.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
@@ -294,6 +297,59 @@ impl RelaySidecar for Service {
             .send(frame, Instant::now() + self.wait_budget(&request))
             .await?;
         Ok(Response::new(v1::SendResponse {}))
+    }
+
+    type SendStreamStream = ResponseStream<v1::SendStreamResponse>;
+
+    async fn send_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::SendRequest>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let process = caller(&request, "");
+        let service = self.clone();
+        // Messages are queued for the relay one after another, in order;
+        // their outcomes are awaited up to IN_FLIGHT at a time, come back in
+        // order, and leave in batches.
+        let outcomes = request
+            .into_inner()
+            .then(move |item| {
+                let service = service.clone();
+                let process = process.clone();
+                async move {
+                    let request = item?;
+                    let (peer, frame) = service.encode(&request)?;
+                    let worker = if request.worker.is_empty() {
+                        process
+                    } else {
+                        Worker::label(&request.worker)
+                    };
+                    service.inner.router.note_send(&worker, peer);
+                    let deadline = Instant::now() + service.inner.send_timeout;
+                    Ok::<_, Status>(service.inner.relay.submit(frame, deadline).await?)
+                }
+            })
+            .map(|submitted| async move {
+                submitted?.outcome().await?;
+                Ok::<(), Status>(())
+            })
+            .buffered(IN_FLIGHT)
+            .ready_chunks(IN_FLIGHT);
+        let mut settled = 0u64;
+        let responses = outcomes.map(move |chunk| {
+            let mut failures = Vec::new();
+            for outcome in chunk {
+                if let Err(status) = outcome {
+                    failures.push(v1::SendFailure {
+                        index: settled,
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    });
+                }
+                settled += 1;
+            }
+            Ok(v1::SendStreamResponse { settled, failures })
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
     type SubscribeStream = ResponseStream<v1::SubscribeResponse>;

@@ -113,3 +113,66 @@ async fn bad_sends_are_refused_by_field_and_the_link_survives() {
     b.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn send_stream_reports_each_bad_message_and_delivers_the_rest() {
+    let relay = DevRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        relay_sidecar::codec::Dialect::Current,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let a = TestDaemon::start(&relay.url(), Dialect::Current).await;
+    let b = TestDaemon::start(&relay.url(), Dialect::Current).await;
+    let (client_a, client_b) = (a.client().await, b.client().await);
+    let mut inbox_b = client_b.subscribe(None).await.unwrap();
+    registered(&client_a).await;
+    registered(&client_b).await;
+    let peer = b.uuid.to_string();
+
+    const N: usize = 2000;
+    let requests: Vec<v1::SendRequest> = (0..N)
+        .map(|n| match n {
+            500 => request("not-a-uuid", "offer", "bad".into()),
+            1500 => request(&peer, "hello", "bad".into()),
+            _ => request(&peer, "offer", n.to_string()),
+        })
+        .collect();
+    let mut progress = client_a
+        .raw()
+        .send_stream(futures_util::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut settled, mut failures) = (0, Vec::new());
+    while let Some(response) = progress.message().await.unwrap() {
+        assert!(response.settled > settled, "progress only grows");
+        settled = response.settled;
+        failures.extend(response.failures);
+    }
+    assert_eq!(settled, N as u64, "every message has an outcome");
+    let failed: Vec<(u64, i32)> = failures.iter().map(|f| (f.index, f.code)).collect();
+    assert_eq!(
+        failed,
+        [
+            (500, Code::InvalidArgument as i32),
+            (1500, Code::InvalidArgument as i32)
+        ]
+    );
+    assert!(failures[0].message.starts_with("peer_uuid:"));
+    assert!(failures[1].message.starts_with("description_type:"));
+
+    for n in (0..N).filter(|n| *n != 500 && *n != 1500) {
+        let got = tokio::time::timeout(WAIT, inbox_b.next_message())
+            .await
+            .expect("streamed message in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.description, n.to_string(), "in order");
+    }
+    assert_eq!(client_a.status().await.unwrap().counters.sent, N as u64 - 2);
+    a.stop().await;
+    b.stop().await;
+    relay.stop().await;
+}

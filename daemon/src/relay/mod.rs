@@ -173,60 +173,61 @@ impl Handle {
             .map_err(|_| SendError::Stopping)
     }
 
-    /// Writes one encoded frame to a registered connection, waiting for
-    /// registration until `deadline`. `Ok` means the frame was written.
-    pub async fn send(&self, mut frame: String, deadline: Instant) -> Result<(), SendError> {
-        loop {
-            self.wake();
-            let mut status = self.status.clone();
-            let ready = timeout_at(deadline, async {
-                status
-                    .wait_for(|s| {
-                        matches!(
-                            s.state,
-                            ConnectionState::Registered
-                                | ConnectionState::Failed
-                                | ConnectionState::Stopping
-                        )
-                    })
-                    .await
-                    .map(|guard| guard.clone())
-            })
-            .await;
-            let now = match ready {
-                Err(_) => return Err(self.not_registered()),
-                Ok(Err(_)) => return Err(SendError::Stopping),
-                Ok(Ok(now)) => now,
-            };
-            match now.state {
-                ConnectionState::Failed => {
-                    return Err(SendError::Failed {
-                        code: now.close_code,
-                        detail: now.detail,
-                    });
-                }
-                ConnectionState::Stopping => return Err(SendError::Stopping),
-                _ => {}
+    /// Sends one encoded frame, waiting for registration until
+    /// `deadline`. `Ok` means the relay has handled it.
+    pub async fn send(&self, frame: String, deadline: Instant) -> Result<(), SendError> {
+        self.submit(frame, deadline).await?.outcome().await
+    }
+
+    /// Queues one encoded frame for the relay, waiting for registration
+    /// until `deadline`; the [`Ticket`] then tells how it went. Frames
+    /// submitted one after another are written in that order.
+    pub async fn submit(&self, frame: String, deadline: Instant) -> Result<Ticket, SendError> {
+        self.wake();
+        let mut status = self.status.clone();
+        let ready = timeout_at(deadline, async {
+            status
+                .wait_for(|s| {
+                    matches!(
+                        s.state,
+                        ConnectionState::Registered
+                            | ConnectionState::Failed
+                            | ConnectionState::Stopping
+                    )
+                })
+                .await
+                .map(|guard| guard.clone())
+        })
+        .await;
+        let now = match ready {
+            Err(_) => return Err(self.not_registered()),
+            Ok(Err(_)) => return Err(SendError::Stopping),
+            Ok(Ok(now)) => now,
+        };
+        match now.state {
+            ConnectionState::Failed => {
+                return Err(SendError::Failed {
+                    code: now.close_code,
+                    detail: now.detail,
+                });
             }
-            let (reply, answer) = oneshot::channel();
-            let outbound = Outbound {
-                frame,
-                deadline,
-                reply,
-            };
-            if self.commands.send(Command::Send(outbound)).await.is_err() {
-                return Err(SendError::Stopping);
-            }
-            match answer.await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(Undelivered::NotRegistered(back))) => frame = back,
-                Ok(Err(Undelivered::Expired)) => return Err(self.not_registered()),
-                Ok(Err(Undelivered::Unconfirmed(why))) => {
-                    return Err(SendError::Unconfirmed(why));
-                }
-                Ok(Err(Undelivered::Stopping)) | Err(_) => return Err(SendError::Stopping),
-            }
+            ConnectionState::Stopping => return Err(SendError::Stopping),
+            _ => {}
         }
+        let (reply, answer) = oneshot::channel();
+        let outbound = Outbound {
+            frame,
+            deadline,
+            reply,
+        };
+        if self.commands.send(Command::Send(outbound)).await.is_err() {
+            return Err(SendError::Stopping);
+        }
+        Ok(Ticket {
+            handle: self.clone(),
+            answer,
+            deadline,
+        })
     }
 
     fn not_registered(&self) -> SendError {
@@ -234,6 +235,34 @@ impl Handle {
         SendError::NotRegistered {
             state: now.state,
             detail: now.detail,
+        }
+    }
+}
+
+/// A frame on its way to the relay.
+#[derive(Debug)]
+pub struct Ticket {
+    handle: Handle,
+    answer: oneshot::Receiver<Result<(), Undelivered>>,
+    deadline: Instant,
+}
+
+impl Ticket {
+    /// Waits until the relay has handled the frame, or it is known that it
+    /// was not (or may not have been) sent. A frame that met a lost
+    /// registration before it was written is submitted again, within its
+    /// deadline.
+    pub async fn outcome(mut self) -> Result<(), SendError> {
+        loop {
+            match self.answer.await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(Undelivered::NotRegistered(frame))) => {
+                    self = self.handle.submit(frame, self.deadline).await?;
+                }
+                Ok(Err(Undelivered::Expired)) => return Err(self.handle.not_registered()),
+                Ok(Err(Undelivered::Unconfirmed(why))) => return Err(SendError::Unconfirmed(why)),
+                Ok(Err(Undelivered::Stopping)) | Err(_) => return Err(SendError::Stopping),
+            }
         }
     }
 }
