@@ -1,0 +1,255 @@
+"""The asyncio ``Client`` and the streams it opens.
+
+The same calls as ``relay_sidecar.Client``, as coroutines::
+
+    async with relay_sidecar.aio.Client() as client:
+        status = await client.status()
+        async with await client.subscribe() as messages:
+            await client.send(peer, "offer", "v=0 ...")
+            async for message in messages:
+                ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from types import TracebackType
+from typing import Any, AsyncIterator, Callable, Generic, Optional, Type, TypeVar, Union
+
+import grpc
+import grpc.aio
+
+from . import _convert
+from ._proto.relay_sidecar.v1 import relay_sidecar_pb2 as pb
+from ._proto.relay_sidecar.v1 import relay_sidecar_pb2_grpc as pb_grpc
+from ._socket import CHANNEL_OPTIONS, PathLike, probe, resolve, target
+from ._types import DescriptionType, PeerMessage, Status
+from .errors import from_rpc_error, from_status
+
+__all__ = ["Client", "StatusStream", "Subscription"]
+
+T = TypeVar("T")
+
+
+class _Stream(Generic[T]):
+    """A server stream from the daemon as an async iterator of SDK values.
+
+    Iteration ends when the daemon ends the stream (it is stopping) or after
+    ``cancel()``; a failed stream raises the SDK's error.
+    """
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, convert: Callable[[Any], T]) -> None:
+        self._call = call
+        self._convert = convert
+        self._cancelled = False
+
+    async def _started(self) -> None:
+        """Waits until the daemon has accepted the call, so that nothing the
+        daemon sends after this returns is missed; raises its refusal."""
+        try:
+            await self._call.initial_metadata()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        if self._call.done():
+            code = await self._call.code()
+            if code != grpc.StatusCode.OK:
+                raise from_status(code, await self._call.details())
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._cancelled:
+            raise StopAsyncIteration
+        try:
+            item = await self._call.read()
+        except asyncio.CancelledError:
+            # grpc.aio reports its own cancel() as CancelledError; a cancel of
+            # the awaiting task must still propagate.
+            if self._cancelled and self._call.cancelled():
+                raise StopAsyncIteration from None
+            raise
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        if item is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return self._convert(item)
+
+    def cancel(self) -> None:
+        """Ends the stream; a pending or later ``__anext__`` stops iteration."""
+        self._cancelled = True
+        self._call.cancel()
+
+    async def aclose(self) -> None:
+        """``cancel()``, as a coroutine for ``contextlib.aclosing`` and friends."""
+        self.cancel()
+
+    async def __aenter__(self) -> _Stream[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.cancel()
+
+
+class Subscription(_Stream[PeerMessage]):
+    """Inbound messages and bounces from ``Client.subscribe()``: an async
+    iterator of ``PeerMessage`` and an async context manager that cancels it."""
+
+
+class StatusStream(_Stream[Status]):
+    """Status updates from ``Client.watch_status()``: an async iterator of
+    ``Status`` and an async context manager that cancels it."""
+
+
+class Client:
+    """An asyncio connection to the relay-sidecar daemon.
+
+    Every process that uses it sends and receives as the host's one peer
+    identity. Calls may run concurrently. The gRPC channel is opened on the
+    first call, in the event loop that makes it; use a client from that loop
+    only. If the daemon restarts, later calls reach the new one on the same
+    socket path.
+
+    Args:
+        socket_path: The daemon's Unix socket; ``None`` for
+            ``default_socket_path()`` (``$RELAY_SIDECAR_SOCKET``, then the
+            daemon's default).
+        worker: A label sent with every send and subscribe made through this
+            client. Replies from a peer go preferably to the subscription of
+            the worker that last sent to it; without a label the calling
+            process is the worker, so set one when several tasks each send
+            and subscribe.
+
+    Raises:
+        ConnectError: The socket is missing or no daemon listens on it (checked
+            at once, without a running event loop).
+    """
+
+    def __init__(
+        self, socket_path: Optional[PathLike] = None, *, worker: Optional[str] = None
+    ) -> None:
+        self.socket_path = resolve(socket_path)
+        self.worker = worker
+        probe(self.socket_path)
+        self._channel: Optional[grpc.aio.Channel] = None
+        self._stub_: Optional[pb_grpc.RelaySidecarStub] = None
+
+    def __repr__(self) -> str:
+        return f"aio.Client({self.socket_path!r}, worker={self.worker!r})"
+
+    @property
+    def _stub(self) -> pb_grpc.RelaySidecarStub:
+        if self._stub_ is None:
+            self._channel = grpc.aio.insecure_channel(
+                target(self.socket_path), options=CHANNEL_OPTIONS
+            )
+            self._stub_ = pb_grpc.RelaySidecarStub(self._channel)
+        return self._stub_
+
+    async def close(self) -> None:
+        """Closes the connection; open streams end. A later call opens a new one."""
+        channel, self._channel, self._stub_ = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.close()
+
+    async def status(self, *, timeout: Optional[float] = None) -> Status:
+        """The daemon's identity, connection state and counters."""
+        try:
+            response = await self._stub.GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return _convert.status(response)
+
+    async def watch_status(self, *, timeout: Optional[float] = None) -> StatusStream:
+        """A stream of statuses: the current one at once, then one at every
+        change of the connection state, until it is cancelled, the daemon
+        stops, or ``timeout`` seconds (a deadline for the whole stream) pass.
+        """
+        call = self._stub.WatchStatus(pb.WatchStatusRequest(), timeout=timeout)
+        stream = StatusStream(call, _convert.status_update)
+        await stream._started()
+        return stream
+
+    async def send(
+        self,
+        peer_uuid: Union[uuid.UUID, str],
+        description_type: Union[DescriptionType, str],
+        description: str,
+        *,
+        worker: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> None:
+        """Sends one message to a peer as this host's identity.
+
+        Returns once the relay has handled the message (the daemon confirms
+        it); a message the relay cannot forward comes back on ``subscribe()``
+        with ``bounced`` set.
+
+        Args:
+            peer_uuid: The receiving peer.
+            description_type: ``"offer"`` or ``"answer"``.
+            description: The payload.
+            worker: The worker label for this send, instead of the client's.
+            timeout: How long the daemon may wait for its relay connection to
+                be registered (default: the daemon's send timeout).
+
+        Raises:
+            InvalidArgumentError: A field is malformed or too large (the
+                message names it); nothing was sent.
+            UnavailableError: Not registered in time; nothing was sent, safe
+                to retry.
+            UnconfirmedError: Written, but the relay connection was lost before
+                the relay confirmed it; retrying may deliver it twice.
+            FailedPreconditionError: The relay connection is FAILED.
+        """
+        request = _convert.send_request(
+            peer_uuid, description_type, description, worker or self.worker or ""
+        )
+        try:
+            await self._stub.Send(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def subscribe(
+        self, group: Optional[str] = None, *, timeout: Optional[float] = None
+    ) -> Subscription:
+        """Opens a stream of inbound messages and bounces.
+
+        Returns once the daemon has registered the subscription. Every
+        ``group`` receives each message once, shared among the subscriptions
+        in it; ``None`` is a group of its own that receives every message. The
+        stream outlives relay reconnects and ends only when it is cancelled,
+        the daemon stops, or ``timeout`` seconds (a deadline for the whole
+        stream) pass.
+        """
+        request = pb.SubscribeRequest(group=group or "", worker=self.worker or "")
+        call = self._stub.Subscribe(request, timeout=timeout)
+        subscription = Subscription(call, _convert.peer_message)
+        await subscription._started()
+        return subscription
+
+    async def reconnect(self, *, timeout: Optional[float] = None) -> None:
+        """Drops the relay connection and registers again at once: the way out
+        of ``ConnectionState.FAILED``. Returns when the new attempt has
+        started; watch the status for its outcome."""
+        try:
+            await self._stub.Reconnect(pb.ReconnectRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None

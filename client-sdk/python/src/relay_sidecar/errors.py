@@ -1,0 +1,139 @@
+"""The SDK's exceptions and the one mapping from gRPC status codes to them.
+
+Every exception built from a daemon reply carries the daemon's message in
+``message`` and the gRPC status code in ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+__all__ = [
+    "RelaySidecarError",
+    "ConnectError",
+    "InvalidArgumentError",
+    "UnavailableError",
+    "UnconfirmedError",
+    "FailedPreconditionError",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "StatusError",
+]
+
+
+class RelaySidecarError(Exception):
+    """Base class of every error this SDK raises.
+
+    Attributes:
+        message: The daemon's message (or the SDK's, for local errors).
+        code: The gRPC status code, or ``None`` for errors found locally.
+    """
+
+    #: The status code this class stands for (``None``: not a daemon reply).
+    _code: Optional[grpc.StatusCode] = None
+    _prefix = ""
+
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None) -> None:
+        self.message = message
+        self.code = code if code is not None else self._code
+        super().__init__(f"{self._prefix}{message}")
+
+
+class ConnectError(RelaySidecarError):
+    """The daemon's socket could not be reached: no socket file, no daemon
+    listening on it, or no permission to use it.
+
+    Attributes:
+        path: The socket path that was tried.
+        cause: The ``OSError`` from connecting (also ``__cause__``).
+    """
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        self.path = path
+        self.cause = cause
+        reason = cause.strerror or str(cause)
+        super().__init__(f"cannot connect to relay-sidecar at {path}: {reason}")
+
+
+class InvalidArgumentError(RelaySidecarError):
+    """A request field is malformed or too large; nothing was sent
+    (``INVALID_ARGUMENT``). The message names the field."""
+
+    _code = grpc.StatusCode.INVALID_ARGUMENT
+    _prefix = "invalid argument: "
+
+
+class UnavailableError(RelaySidecarError):
+    """The relay connection was not registered in time or was lost, or the
+    daemon went away; safe to retry (``UNAVAILABLE``)."""
+
+    _code = grpc.StatusCode.UNAVAILABLE
+    _prefix = "unavailable: "
+
+
+class UnconfirmedError(RelaySidecarError):
+    """The message was written to the relay, but the connection was lost
+    before the relay confirmed it: it may or may not have been forwarded
+    (``UNKNOWN``). Retrying may deliver it twice."""
+
+    _code = grpc.StatusCode.UNKNOWN
+    _prefix = "unconfirmed: "
+
+
+class FailedPreconditionError(RelaySidecarError):
+    """The relay connection is FAILED (refused registration, 4001, 4002 or
+    4004); call ``reconnect()`` once the cause is fixed
+    (``FAILED_PRECONDITION``)."""
+
+    _code = grpc.StatusCode.FAILED_PRECONDITION
+    _prefix = "failed precondition: "
+
+
+class PermissionDeniedError(RelaySidecarError):
+    """The daemon refused this caller (``PERMISSION_DENIED``)."""
+
+    _code = grpc.StatusCode.PERMISSION_DENIED
+    _prefix = "permission denied: "
+
+
+class ProtocolError(RelaySidecarError):
+    """The daemon sent something this SDK cannot understand (a malformed
+    uuid, an unknown enum value, a missing field)."""
+
+    _prefix = "protocol error: "
+
+
+class StatusError(RelaySidecarError):
+    """Any other gRPC status from the daemon or the transport (for example
+    ``DEADLINE_EXCEEDED`` when a call's ``timeout`` ran out)."""
+
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None) -> None:
+        self._prefix = f"{code.name if code is not None else 'UNKNOWN'}: "
+        super().__init__(message, code)
+
+
+_BY_CODE = {
+    cls._code: cls
+    for cls in (
+        InvalidArgumentError,
+        UnavailableError,
+        UnconfirmedError,
+        FailedPreconditionError,
+        PermissionDeniedError,
+    )
+}
+
+
+def from_status(code: grpc.StatusCode, details: Optional[str]) -> RelaySidecarError:
+    """The SDK exception for a gRPC status code and the daemon's message."""
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(details or "")
+    return StatusError(details or "", code)
+
+
+def from_rpc_error(error: grpc.Call) -> RelaySidecarError:
+    """The SDK exception for a failed gRPC call (sync or asyncio)."""
+    return from_status(error.code(), error.details())

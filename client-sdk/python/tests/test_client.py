@@ -1,0 +1,164 @@
+"""The blocking client against the real daemon on the real ProxyStore relay,
+with ProxyStore's own RelayClient as the remote peer."""
+
+from __future__ import annotations
+
+import errno
+import uuid
+
+import grpc
+import pytest
+from proxystore.p2p.relay.client import RelayClient
+from proxystore.p2p.relay.messages import PeerConnectionRequest
+
+import relay_sidecar
+from relay_sidecar import ConnectionState, DescriptionType
+from support import Daemon, LoopThread, Relay
+
+
+def test_status_reports_the_daemon(daemon: Daemon, relay: Relay) -> None:
+    with relay_sidecar.Client(daemon.socket) as client:
+        status = client.status()
+    assert status.uuid == daemon.uuid
+    assert isinstance(status.uuid, uuid.UUID)
+    assert (status.name, status.relay_url) == (daemon.name, relay.url)
+    assert (status.dialect, status.state) == ("current", ConnectionState.REGISTERED)
+    assert (status.close_code, status.retry_in, status.detail) == (None, None, "")
+    assert status.version
+
+
+def test_send_and_subscribe_with_a_proxystore_peer(
+    daemon: Daemon, relay: Relay, loop_thread: LoopThread
+) -> None:
+    async def make_peer() -> RelayClient:
+        peer = RelayClient(relay.url, client_name="remote", reconnect_task=False)
+        await peer.connect()
+        return peer
+
+    peer = loop_thread.run(make_peer())
+    try:
+        with relay_sidecar.Client(daemon.socket) as client, client.subscribe() as messages:
+            client.send(peer.uuid, DescriptionType.OFFER, "hello from python")
+            got = loop_thread.run(peer.recv(), timeout=10)
+            assert isinstance(got, PeerConnectionRequest)
+            assert (got.source_uuid, got.source_name) == (daemon.uuid, daemon.name)
+            assert (got.description_type, got.description) == ("offer", "hello from python")
+
+            reply = PeerConnectionRequest(
+                source_uuid=peer.uuid,
+                source_name=peer.name,
+                peer_uuid=daemon.uuid,
+                description_type="answer",
+                description="hello back",
+            )
+            loop_thread.run(peer.send(reply))
+            message = next(messages)
+            assert message.source_uuid == peer.uuid
+            assert message.peer_uuid == daemon.uuid
+            assert (message.source_name, message.description) == ("remote", "hello back")
+            assert (message.kind, message.error, message.bounced) == (
+                DescriptionType.ANSWER,
+                None,
+                False,
+            )
+            counters = client.status().counters
+            assert (counters.sent, counters.received, counters.subscribers) == (1, 1, 1)
+    finally:
+        loop_thread.run(peer.close())
+
+
+def test_send_to_an_unknown_peer_bounces(daemon: Daemon) -> None:
+    nobody = uuid.uuid4()
+    with relay_sidecar.Client(daemon.socket) as client, client.subscribe() as messages:
+        client.send(nobody, "offer", "anyone there?")
+        bounce = next(messages)
+    assert bounce.bounced
+    assert bounce.error and str(nobody) in bounce.error
+    assert (bounce.source_uuid, bounce.peer_uuid) == (daemon.uuid, nobody)
+    assert bounce.description == "anyone there?"
+
+
+def test_bad_input_raises_invalid_argument_naming_the_field(daemon: Daemon) -> None:
+    with relay_sidecar.Client(daemon.socket) as client:
+        with pytest.raises(relay_sidecar.InvalidArgumentError, match="peer_uuid") as bad_uuid:
+            client.send("not-a-uuid", "offer", "x")
+        with pytest.raises(relay_sidecar.InvalidArgumentError, match="description_type"):
+            client.send(uuid.uuid4(), "greeting", "x")
+        assert client.status().counters.sent == 0
+    assert bad_uuid.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not-a-uuid" in bad_uuid.value.message
+    assert isinstance(bad_uuid.value, relay_sidecar.RelaySidecarError)
+
+
+def test_reconnect_is_seen_in_watch_status(daemon: Daemon) -> None:
+    with relay_sidecar.Client(daemon.socket) as client:
+        with client.watch_status(timeout=20) as statuses:
+            assert next(statuses).state is ConnectionState.REGISTERED
+            client.reconnect()
+            seen = []
+            for status in statuses:
+                seen.append(status.state)
+                if status.state is ConnectionState.REGISTERED:
+                    break
+        assert seen[0] is not ConnectionState.REGISTERED, seen
+        assert seen[-1] is ConnectionState.REGISTERED, seen
+        assert client.status().counters.reconnects == 1
+
+
+def test_displaced_registration_fails_sends_until_reconnect(
+    daemon: Daemon, relay: Relay, loop_thread: LoopThread
+) -> None:
+    async def impostor() -> RelayClient:
+        # Same uuid as the daemon: the relay displaces the daemon with 4004.
+        client = RelayClient(relay.url, client_uuid=daemon.uuid, reconnect_task=False)
+        await client.connect()
+        return client
+
+    with relay_sidecar.Client(daemon.socket) as client:
+        with client.watch_status(timeout=20) as statuses:
+            other = loop_thread.run(impostor())
+            try:
+                failed = next(s for s in statuses if s.state is ConnectionState.FAILED)
+            finally:
+                loop_thread.run(other.close())
+        assert failed.close_code == 4004
+        with pytest.raises(relay_sidecar.FailedPreconditionError) as err:
+            client.send(uuid.uuid4(), "offer", "x")
+        assert err.value.message
+
+        with client.watch_status(timeout=20) as statuses:
+            client.reconnect()
+            next(s for s in statuses if s.state is ConnectionState.REGISTERED)
+
+
+def test_subscription_ends_when_the_daemon_stops(daemon: Daemon) -> None:
+    with relay_sidecar.Client(daemon.socket) as client:
+        messages = client.subscribe(timeout=20)
+        daemon.stop()
+        assert list(messages) == []
+
+
+def test_missing_socket_is_a_connect_error(tmp_path) -> None:
+    path = tmp_path / "absent.sock"
+    with pytest.raises(relay_sidecar.ConnectError) as err:
+        relay_sidecar.Client(path)
+    assert err.value.path == str(path)
+    assert err.value.cause.errno == errno.ENOENT
+    assert str(path) in str(err.value)
+
+
+def test_default_socket_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = relay_sidecar.default_socket_path
+    assert path({"RELAY_SIDECAR_SOCKET": "/tmp/x.sock", "RUNTIME_DIRECTORY": "/run/a"}) == (
+        "/tmp/x.sock"
+    )
+    assert path({"RELAY_SIDECAR_SOCKET": "", "RUNTIME_DIRECTORY": "/run/a"}) == (
+        "/run/a/relay.sock"
+    )
+    assert path({"RUNTIME_DIRECTORY": "/run/a:/run/b"}) == "/run/a/relay.sock"
+    assert path({"RUNTIME_DIRECTORY": ""}) == "/run/relay-sidecar/relay.sock"
+    assert path({}) == "/run/relay-sidecar/relay.sock"
+
+    monkeypatch.setenv(relay_sidecar.SOCKET_ENV, "/nonexistent/relay.sock")
+    with pytest.raises(relay_sidecar.ConnectError, match="/nonexistent/relay.sock"):
+        relay_sidecar.Client()

@@ -1,0 +1,224 @@
+"""relay_sidecar.proxystore.SidecarRelayClient: ProxyStore's own PeerManager,
+unchanged, on the daemon, establishing real WebRTC peer connections with a
+PeerManager on ProxyStore's own RelayClient."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from proxystore.p2p.manager import PeerManager
+from proxystore.p2p.relay.client import RelayClient
+from proxystore.p2p.relay.exceptions import RelayNotConnectedError, RelayRegistrationError
+from proxystore.p2p.relay.messages import (
+    PeerConnectionRequest,
+    RelayMessageEncodeError,
+    RelayRegistrationRequest,
+)
+
+import relay_sidecar
+from relay_sidecar.proxystore import SidecarRelayClient
+from support import Daemon, Relay
+
+#: Bound on each step; on loopback the whole exchange takes well under a second.
+STEP_TIMEOUT = 10
+
+
+def test_peer_managers_exchange_bytes_over_webrtc(daemon: Daemon, relay: Relay) -> None:
+    async def main() -> float:
+        # ice_servers=[]: host candidates only, so this runs offline.
+        sidecar_side = PeerManager(SidecarRelayClient(daemon.socket), ice_servers=[])
+        native_side = PeerManager(RelayClient(relay.url, client_name="native"), ice_servers=[])
+        async with sidecar_side, native_side:
+            assert sidecar_side.uuid == daemon.uuid
+            started = time.perf_counter()
+
+            # The sidecar side offers; the native side answers.
+            await asyncio.wait_for(sidecar_side.send(native_side.uuid, b"to native"), STEP_TIMEOUT)
+            source, data = await asyncio.wait_for(native_side.recv(), STEP_TIMEOUT)
+            assert (source, data) == (daemon.uuid, b"to native")
+
+            # Back over the same peer connection.
+            await asyncio.wait_for(native_side.send(daemon.uuid, b"to sidecar"), STEP_TIMEOUT)
+            source, data = await asyncio.wait_for(sidecar_side.recv(), STEP_TIMEOUT)
+            assert (source, data) == (native_side.uuid, b"to sidecar")
+            elapsed = time.perf_counter() - started
+
+            # The daemon carried the offer and the answer, nothing more.
+            async with relay_sidecar.aio.Client(daemon.socket) as client:
+                counters = (await client.status()).counters
+            assert (counters.sent, counters.received) == (1, 1)
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    print(f"peer connection established and used both ways in {elapsed * 1000:.0f} ms")
+
+
+def test_the_native_side_can_offer_too(daemon: Daemon, relay: Relay) -> None:
+    async def main() -> None:
+        sidecar_side = PeerManager(SidecarRelayClient(daemon.socket), ice_servers=[])
+        native_side = PeerManager(RelayClient(relay.url), ice_servers=[])
+        async with sidecar_side, native_side:
+            await asyncio.wait_for(native_side.send(daemon.uuid, "text"), STEP_TIMEOUT)
+            assert await asyncio.wait_for(sidecar_side.recv(), STEP_TIMEOUT) == (
+                native_side.uuid,
+                "text",
+            )
+            await asyncio.wait_for(
+                sidecar_side.send(native_side.uuid, b"\x00" * 100_000), STEP_TIMEOUT
+            )
+            assert await asyncio.wait_for(native_side.recv(), STEP_TIMEOUT) == (
+                daemon.uuid,
+                b"\x00" * 100_000,
+            )
+
+    asyncio.run(main())
+
+
+def test_relay_client_interface(daemon: Daemon, relay: Relay) -> None:
+    async def main() -> None:
+        client = SidecarRelayClient(daemon.socket)
+        with pytest.raises(RelayNotConnectedError):
+            _ = client.uuid
+        async with client:
+            assert (client.uuid, client.name) == (daemon.uuid, daemon.name)
+
+            peer = RelayClient(relay.url, client_name="remote", reconnect_task=False)
+            await peer.connect()
+            try:
+                await client.send(
+                    PeerConnectionRequest(
+                        source_uuid=client.uuid,
+                        source_name=client.name,
+                        peer_uuid=peer.uuid,
+                        description_type="offer",
+                        description="sdp?",
+                    )
+                )
+                got = await asyncio.wait_for(peer.recv(), STEP_TIMEOUT)
+                assert (got.source_uuid, got.description) == (daemon.uuid, "sdp?")
+                await peer.send(
+                    PeerConnectionRequest(
+                        source_uuid=peer.uuid,
+                        source_name="remote",
+                        peer_uuid=daemon.uuid,
+                        description_type="answer",
+                        description="sdp!",
+                    )
+                )
+                message = await asyncio.wait_for(client.recv(), STEP_TIMEOUT)
+                assert message == PeerConnectionRequest(
+                    source_uuid=peer.uuid,
+                    source_name="remote",
+                    peer_uuid=daemon.uuid,
+                    description_type="answer",
+                    description="sdp!",
+                    error=None,
+                )
+            finally:
+                await peer.close()
+
+            nobody = uuid.uuid4()
+            await client.send(
+                PeerConnectionRequest(
+                    source_uuid=client.uuid,
+                    source_name=client.name,
+                    peer_uuid=nobody,
+                    description_type="offer",
+                    description="lost",
+                )
+            )
+            bounce = await asyncio.wait_for(client.recv(), STEP_TIMEOUT)
+            assert isinstance(bounce, PeerConnectionRequest)
+            assert (bounce.source_uuid, bounce.peer_uuid) == (daemon.uuid, nobody)
+            assert isinstance(bounce.peer_uuid, uuid.UUID)
+            assert bounce.error
+
+            with pytest.raises(RelayMessageEncodeError):
+                await client.send(RelayRegistrationRequest("x", uuid.uuid4()))
+            with pytest.raises(relay_sidecar.InvalidArgumentError, match="description_type"):
+                await client.send(
+                    PeerConnectionRequest(
+                        source_uuid=client.uuid,
+                        source_name=client.name,
+                        peer_uuid=nobody,
+                        description_type="hello",  # type: ignore[arg-type]
+                        description="",
+                    )
+                )
+
+    asyncio.run(main())
+
+
+def test_connect_fails_while_the_daemon_is_displaced(daemon: Daemon, relay: Relay) -> None:
+    async def main() -> None:
+        # Same uuid as the daemon: the relay displaces the daemon with 4004.
+        impostor = RelayClient(relay.url, client_uuid=daemon.uuid, reconnect_task=False)
+        async with relay_sidecar.aio.Client(daemon.socket) as client:
+            async with await client.watch_status(timeout=STEP_TIMEOUT) as statuses:
+                await impostor.connect()
+                async for status in statuses:
+                    if status.state is relay_sidecar.ConnectionState.FAILED:
+                        break
+            await impostor.close()
+
+            with pytest.raises(RelayRegistrationError, match="4004|another|failed"):
+                await SidecarRelayClient(daemon.socket).connect()
+
+            await client.reconnect()
+            async with SidecarRelayClient(daemon.socket, timeout=STEP_TIMEOUT) as sidecar:
+                assert sidecar.uuid == daemon.uuid
+
+    asyncio.run(main())
+
+
+def test_recv_subscribes_again_after_a_daemon_restart(daemon: Daemon, relay: Relay) -> None:
+    async def main() -> None:
+        async with SidecarRelayClient(daemon.socket) as client:
+            receiving = asyncio.ensure_future(client.recv())
+            await asyncio.sleep(0.1)
+            await asyncio.get_running_loop().run_in_executor(None, daemon.stop)
+            await asyncio.get_running_loop().run_in_executor(None, daemon.start)
+
+            peer = RelayClient(relay.url, client_name="remote", reconnect_task=False)
+            await peer.connect()
+            try:
+                # The daemon may not be subscribed to yet; it keeps what comes
+                # in meanwhile for its first subscriber.
+                await peer.send(
+                    PeerConnectionRequest(
+                        source_uuid=peer.uuid,
+                        source_name="remote",
+                        peer_uuid=daemon.uuid,
+                        description_type="offer",
+                        description="after the restart",
+                    )
+                )
+                message = await asyncio.wait_for(receiving, STEP_TIMEOUT)
+            finally:
+                await peer.close()
+            assert (message.source_uuid, message.description) == (peer.uuid, "after the restart")
+
+    asyncio.run(main())
+
+
+def test_close_ends_a_pending_recv_and_a_later_call_connects_again(daemon: Daemon) -> None:
+    async def main() -> None:
+        client = SidecarRelayClient(daemon.socket)
+        await client.connect()
+        receiving = asyncio.ensure_future(client.recv())
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(RelayNotConnectedError):
+            await asyncio.wait_for(receiving, STEP_TIMEOUT)
+
+        # As with ProxyStore's RelayClient, using it again reconnects.
+        nobody = uuid.uuid4()
+        await client.send(PeerConnectionRequest(daemon.uuid, daemon.name, nobody, "offer", "again"))
+        bounce = await asyncio.wait_for(client.recv(), STEP_TIMEOUT)
+        assert (bounce.peer_uuid, bounce.description) == (nobody, "again")
+        await client.close()
+
+    asyncio.run(main())
