@@ -1,5 +1,5 @@
 //! What the daemon puts in the relay's opening handshake, TLS to `wss://`
-//! relays, and relays that refuse it. A scripted relay stands in where the
+//! relays, relays that refuse it, stop answering pings or send garbage. A scripted relay stands in where the
 //! real one cannot show what it received or cannot run offline (its
 //! authentication needs Globus).
 
@@ -32,6 +32,11 @@ enum Answer {
     Refuse,
     /// close with this code instead of answering.
     Close(u16),
+    /// success: true, then never read again (so pings go unanswered).
+    AcceptThenHang,
+    /// success: true, then frames that do not decode, then one peer message
+    /// to the client, then wait for the client to close.
+    AcceptThenGarbage,
 }
 
 /// Serves WebSocket connections on `listener`, one script step per
@@ -59,6 +64,8 @@ where
                 }
             };
             let seen = tx.clone();
+            // The callback's signature is tungstenite's.
+            #[allow(clippy::result_large_err)]
             let capture = move |request: &Request, response: Response| {
                 let headers = request
                     .headers()
@@ -74,10 +81,11 @@ where
             let Some(Ok(first)) = ws.next().await else {
                 continue;
             };
-            assert!(matches!(
-                codec::decode(first.to_text().unwrap(), WireDialect::Current),
-                Ok(Frame::Registration(_))
-            ));
+            let Ok(Frame::Registration(client)) =
+                codec::decode(first.to_text().unwrap(), WireDialect::Current)
+            else {
+                panic!("the first frame is a registration: {first:?}");
+            };
             let reply = |success: bool, message: Option<&str>| {
                 Message::text(codec::encode(
                     &Frame::Response(RelayResponse {
@@ -106,6 +114,33 @@ where
                 }
                 Answer::Refuse => {
                     ws.send(reply(false, Some("not on the list")))
+                        .await
+                        .unwrap();
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+                Answer::AcceptThenHang => {
+                    ws.send(reply(true, None)).await.unwrap();
+                    std::future::pending::<()>().await;
+                }
+                Answer::AcceptThenGarbage => {
+                    ws.send(reply(true, None)).await.unwrap();
+                    for garbage in [
+                        "not json",
+                        r#"{"message_type": "peer_connection"}"#,
+                        r#"{"message_type": "relay_response", "extra": 1}"#,
+                    ] {
+                        ws.send(Message::text(garbage)).await.unwrap();
+                    }
+                    ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+                    let peer = Frame::Peer(codec::PeerConnection {
+                        source_uuid: uuid::Uuid::new_v4(),
+                        source_name: "after-garbage".into(),
+                        peer_uuid: client.uuid,
+                        description_type: "offer".into(),
+                        description: "still here".into(),
+                        error: None,
+                    });
+                    ws.send(Message::text(codec::encode(&peer, WireDialect::Current)))
                         .await
                         .unwrap();
                     while let Some(Ok(_)) = ws.next().await {}
@@ -257,4 +292,67 @@ async fn wss_with_an_unknown_certificate_backs_off_unless_told_to_skip_verificat
     let mut statuses = client.watch_status().await.unwrap();
     wait_for_state(&mut statuses, ConnectionState::Registered).await;
     lax.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_that_stops_answering_pings_is_left() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let _handshakes = scripted_relay(listener, vec![Answer::AcceptThenHang], plain);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = settings(dir.path(), &url, Dialect::Current);
+    config.ping_interval = Duration::from_millis(100);
+    config.ping_timeout = Duration::from_millis(300);
+    let daemon = TestDaemon::start_with(config).await;
+    let client = daemon.client().await;
+    let mut statuses = client.watch_status().await.unwrap();
+    wait_for_state(&mut statuses, ConnectionState::Registered).await;
+    let lost = wait_for_state(&mut statuses, ConnectionState::Backoff).await;
+    assert!(lost.detail.contains("ping"), "{}", lost.detail);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn frames_that_do_not_decode_are_counted_and_skipped() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let _handshakes = scripted_relay(listener, vec![Answer::AcceptThenGarbage], plain);
+    let daemon = TestDaemon::start(&url, Dialect::Current).await;
+    let client = daemon.client().await;
+    let mut inbox = client.subscribe(None).await.unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(20), inbox.next_message())
+        .await
+        .expect("the good message after the garbage arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.description, "still here");
+    let status = client.status().await.unwrap();
+    assert_eq!(status.counters.undecodable, 4);
+    assert_eq!(status.counters.received, 1);
+    assert_eq!(status.state, ConnectionState::Registered);
+    assert_eq!(status.counters.reconnects, 0);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn lazy_mode_waits_for_first_use() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let mut handshakes = scripted_relay(listener, vec![Answer::Accept], plain);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = settings(dir.path(), &url, Dialect::Current);
+    config.lazy = true;
+    let daemon = TestDaemon::start_with(config).await;
+    let client = daemon.client().await;
+    let idle = client.status().await.unwrap();
+    assert_eq!(idle.state, ConnectionState::Idle);
+    assert!(
+        handshakes.try_recv().is_err(),
+        "nothing opened before first use"
+    );
+    let mut statuses = client.watch_status().await.unwrap();
+    let _inbox = client.subscribe(None).await.unwrap();
+    wait_for_state(&mut statuses, ConnectionState::Registered).await;
+    assert!(handshakes.try_recv().is_ok());
+    daemon.stop().await;
 }
