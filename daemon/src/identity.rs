@@ -91,23 +91,13 @@ fn load_or_create(state_dir: &Path) -> Result<Uuid, IdentityError> {
 fn store(path: &Path, uuid: Uuid) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut file = tempfile_in(dir)?;
+    let partial = dir.join(format!(".{IDENTITY_FILE}.{}", std::process::id()));
     let text = serde_json::to_string(&Stored { uuid }).expect("a uuid always serialises");
-    file.1.write_all(text.as_bytes())?;
-    file.1.write_all(b"\n")?;
-    file.1.sync_all()?;
-    std::fs::rename(&file.0, path)?;
-    Ok(())
-}
-
-fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let path = dir.join(format!(".{IDENTITY_FILE}.{}", std::process::id()));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    Ok((path, file))
+    let mut file = std::fs::File::create(&partial)?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
 }
 
 #[cfg(test)]
