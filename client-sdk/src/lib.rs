@@ -38,7 +38,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::Endpoint;
 
-pub use client::{Client, SendOptions, StatusStream, Subscription};
+pub use client::{
+    Client, Outgoing, SendFailure, SendOptions, StatusStream, StreamReport, Subscription,
+};
 pub use error::Error;
 pub use relay_sidecar_proto as proto;
 pub use tonic;

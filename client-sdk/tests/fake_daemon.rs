@@ -106,6 +106,15 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
         Ok(Response::new(v1::SendResponse {}))
     }
 
+    type SendStreamStream = BoxStream<v1::SendStreamResponse>;
+
+    async fn send_stream(
+        &self,
+        _: Request<tonic::Streaming<v1::SendRequest>>,
+    ) -> Result<Response<Self::SendStreamStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not faked"))
+    }
+
     type SubscribeStream = BoxStream<v1::SubscribeResponse>;
 
     async fn subscribe(

@@ -172,6 +172,36 @@ async fn send_stream_reports_each_bad_message_and_delivers_the_rest() {
         assert_eq!(got.description, n.to_string(), "in order");
     }
     assert_eq!(client_a.status().await.unwrap().counters.sent, N as u64 - 2);
+
+    // The SDK's wrapper reports the same way, with typed errors.
+    let outgoing = |description: String| relay_sidecar_client::Outgoing {
+        peer: b.uuid,
+        kind: DescriptionType::Answer,
+        description,
+    };
+    let messages = vec![
+        outgoing("one".into()),
+        outgoing("z".repeat(2 << 20)),
+        outgoing("three".into()),
+    ];
+    let report = client_a
+        .send_stream(futures_util::stream::iter(messages))
+        .await
+        .unwrap();
+    assert_eq!(report.settled, 3);
+    assert_eq!(report.failures.len(), 1);
+    assert_eq!(report.failures[0].index, 1);
+    assert!(
+        matches!(&report.failures[0].error, Error::InvalidArgument(m) if m.starts_with("description:"))
+    );
+    for expected in ["one", "three"] {
+        let got = tokio::time::timeout(WAIT, inbox_b.next_message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.description, expected);
+    }
     a.stop().await;
     b.stop().await;
     relay.stop().await;
