@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::codec::Dialect;
@@ -17,10 +17,12 @@ pub const ENV_PREFIX: &str = "RELAY_SIDECAR";
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/relay-sidecar/config.toml";
 /// The longest socket path the kernel accepts (`sun_path` less its NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
+/// The example config, every key with its default (`relay-sidecar default-config`).
+pub const EXAMPLE: &str = include_str!("../../deploy/config.toml");
 
 /// Every setting of the daemon. Keys are flat so that each has one flag
 /// (`--relay-url`) and one environment variable (`RELAY_SIDECAR_RELAY_URL`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// The relay's URL, `ws://` or `wss://`. Required unless `dev`.
@@ -37,6 +39,20 @@ pub struct Settings {
     pub socket: Option<PathBuf>,
     /// Permission bits of the socket file, in octal.
     pub socket_mode: String,
+    /// The group owning the socket file, a name or a number. Unset: the
+    /// daemon's own group.
+    pub socket_group: Option<String>,
+    /// Callers admitted by uid (peer credentials). With `allow_gids`: a
+    /// caller in either list is admitted; both empty admits anyone who can
+    /// open the socket.
+    #[serde(deserialize_with = "id_list")]
+    pub allow_uids: Vec<u32>,
+    /// Callers admitted by their (effective, primary) gid.
+    #[serde(deserialize_with = "id_list")]
+    pub allow_gids: Vec<u32>,
+    /// Where to serve Prometheus metrics over HTTP, e.g. "127.0.0.1:9464".
+    /// Unset: no metrics endpoint.
+    pub metrics_listen: Option<String>,
     /// Extra headers for the relay's opening handshake.
     pub headers: BTreeMap<String, String>,
     /// A file holding a bearer token for the relay; re-read at every connect.
@@ -93,6 +109,10 @@ impl Default for Settings {
             state_dir: None,
             socket: None,
             socket_mode: "0660".into(),
+            socket_group: None,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            metrics_listen: None,
             headers: BTreeMap::new(),
             token_file: None,
             ca_file: None,
@@ -199,6 +219,11 @@ impl Settings {
             return Err(ConfigError::key("name", "must not be empty"));
         }
         self.socket_mode_bits()?;
+        self.socket_gid()?;
+        if let Some(addr) = &self.metrics_listen {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::key("metrics_listen", format!("{addr:?}: {e}")))?;
+        }
         if let Some(path) = &self.socket {
             check_socket_path(path)?;
         }
@@ -264,6 +289,24 @@ impl Settings {
                     self.socket_mode
                 ),
             )),
+        }
+    }
+
+    /// `socket_group` as a gid; a name is looked up in the group database.
+    pub fn socket_gid(&self) -> Result<Option<nix::unistd::Gid>, ConfigError> {
+        let Some(group) = self.socket_group.as_deref() else {
+            return Ok(None);
+        };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Some(nix::unistd::Gid::from_raw(gid)));
+        }
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(entry)) => Ok(Some(entry.gid)),
+            Ok(None) => Err(ConfigError::key(
+                "socket_group",
+                format!("{group:?}: no such group"),
+            )),
+            Err(e) => Err(ConfigError::key("socket_group", format!("{group:?}: {e}"))),
         }
     }
 
@@ -336,6 +379,51 @@ pub fn check_socket_path(path: &Path) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// A list of uids or gids: a TOML array, or (from a flag or the
+/// environment) one number or numbers separated by commas.
+fn id_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+    struct Ids;
+    impl<'de> serde::de::Visitor<'de> for Ids {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of numeric ids such as [1000, 1001] or \"1000,1001\"")
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Vec<u32>, E> {
+            u32::try_from(v)
+                .map(|id| vec![id])
+                .map_err(|_| E::custom(format!("{v} is not a valid id")))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Vec<u32>, E> {
+            u32::try_from(v)
+                .map(|id| vec![id])
+                .map_err(|_| E::custom(format!("{v} is not a valid id")))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<u32>, E> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(|id| {
+                    id.parse()
+                        .map_err(|_| E::custom(format!("{id:?} is not a numeric id")))
+                })
+                .collect()
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+            let mut ids = Vec::new();
+            while let Some(id) = seq.next_element()? {
+                ids.push(id);
+            }
+            Ok(ids)
+        }
+    }
+    deserializer.deserialize_any(Ids)
 }
 
 /// Serde and the config crate sometimes spread a message over lines.
@@ -478,5 +566,73 @@ mod tests {
         assert_eq!(s.timeout, defaults.timeout);
         assert_eq!(s.backlog, defaults.backlog);
         assert_eq!(s.socket_mode, defaults.socket_mode);
+    }
+
+    /// Every key is in the example (set or commented out), and what it sets
+    /// is the default, so the example cannot drift from the code.
+    #[test]
+    fn the_example_config_shows_every_key_with_its_default() {
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for key in defaults.as_object().unwrap().keys() {
+            let shown = EXAMPLE.lines().any(|line| {
+                let line = line.trim_start_matches(['#', ' ']);
+                line.starts_with(&format!("{key} =")) || line == format!("[{key}]")
+            });
+            assert!(shown, "deploy/config.toml does not show the key {key}");
+        }
+        let mut loaded = load(Some(EXAMPLE), &[], &[]).unwrap();
+        assert_eq!(loaded.relay_url.as_deref(), Some("wss://relay.example.org"));
+        loaded.relay_url = None;
+        assert_eq!(serde_json::to_value(loaded).unwrap(), defaults);
+    }
+
+    #[test]
+    fn id_lists_from_file_environment_and_flags() {
+        let file = "relay_url = \"ws://h\"\nallow_uids = [1000, 1001]\nallow_gids = [50]\n";
+        let s = load(Some(file), &[], &[]).unwrap();
+        assert_eq!((s.allow_uids, s.allow_gids), (vec![1000, 1001], vec![50]));
+        let s = load(
+            Some(file),
+            &[
+                ("RELAY_SIDECAR_ALLOW_UIDS", "7"),
+                ("RELAY_SIDECAR_ALLOW_GIDS", "8, 9"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!((s.allow_uids, s.allow_gids), (vec![7], vec![8, 9]));
+        let s = load(Some(file), &[], &[("allow_uids", "1,2")]).unwrap();
+        assert_eq!(s.allow_uids, vec![1, 2]);
+        for bad in ["x", "-1", "1,,y", "4294967296"] {
+            let err = load(None, &[], &[("relay_url", "ws://h"), ("allow_gids", bad)])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("allow_gids"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn socket_group_and_metrics_listen_are_checked() {
+        let ok = |flags: &[(&'static str, &str)]| {
+            let mut all = vec![("relay_url", "ws://h")];
+            all.extend_from_slice(flags);
+            load(None, &[], &all)
+        };
+        let gid = nix::unistd::getgid();
+        let own = nix::unistd::Group::from_gid(gid).unwrap().unwrap().name;
+        for group in [own.as_str(), &gid.as_raw().to_string()] {
+            let s = ok(&[("socket_group", group)]).unwrap();
+            assert_eq!(s.socket_gid().unwrap(), Some(gid));
+        }
+        let err = ok(&[("socket_group", "no-such-group-here")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("socket_group:"), "{err}");
+        let s = ok(&[("metrics_listen", "127.0.0.1:9464")]).unwrap();
+        assert_eq!(s.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
+        let err = ok(&[("metrics_listen", "localhost")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("metrics_listen:"), "{err}");
     }
 }

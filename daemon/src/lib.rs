@@ -6,20 +6,30 @@
 //! - [`relay`]: the task that owns the relay WebSocket and its state machine.
 //! - [`router`]: hands inbound messages to local subscribers.
 //! - [`service`]: the `relay_sidecar.v1.RelaySidecar` gRPC service.
-//! - [`ipc`]: the Unix socket the service listens on.
+//! - [`ipc`]: the Unix socket the service listens on; [`authority`] lets
+//!   any gRPC client's `:authority` through, [`access`] checks callers.
+//! - [`health`] and gRPC reflection: standard services on the same socket.
+//! - [`systemd`]: socket activation and notifications; [`metrics`]: the
+//!   optional Prometheus endpoint; [`cli`]: the daemon's command line.
 //! - [`config`] and [`identity`]: settings and the persistent peer identity.
 //! - [`devrelay`]: an embedded relay for development and tests.
 
+pub mod access;
+pub mod authority;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod devrelay;
+pub mod health;
 pub mod identity;
 pub mod ipc;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod router;
 pub mod service;
 pub mod status;
+pub mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,11 +37,11 @@ use std::time::Duration;
 
 use relay_sidecar_proto::v1::relay_sidecar_server::RelaySidecarServer;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::access::AllowList;
 use crate::config::{ConfigError, Settings};
 use crate::devrelay::DevRelay;
 use crate::identity::{Identity, IdentityError};
@@ -59,6 +69,12 @@ pub enum Error {
     DevRelay(std::io::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("metrics_listen: cannot listen: {0}")]
+    Metrics(std::io::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
 }
 
 /// A started daemon: the socket is bound and serving, the relay connection
@@ -78,6 +94,17 @@ impl Daemon {
     /// Starts everything the settings describe; runs until `shutdown` is
     /// cancelled.
     pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Daemon, Error> {
+        Daemon::start_on(settings, None, shutdown).await
+    }
+
+    /// Like [`Daemon::start`], but serves on `activated` when given: a
+    /// listening socket from systemd ([`systemd::take_listener`]), whose
+    /// file, mode and group are the socket unit's.
+    pub async fn start_on(
+        settings: Settings,
+        activated: Option<std::os::unix::net::UnixListener>,
+        shutdown: CancellationToken,
+    ) -> Result<Daemon, Error> {
         settings.validate()?;
         let dev_relay = if settings.dev {
             let addr = settings
@@ -155,6 +182,9 @@ impl Daemon {
             Arc::clone(&counters),
             shutdown.clone(),
         );
+        let states = handle.watch();
+        // What the metrics endpoint reads, kept before the service owns them.
+        let (counters_read, router_read) = (Arc::clone(&counters), Arc::clone(&router));
         let service = Service::new(ServiceParts {
             identity: identity.clone(),
             relay_url: relay_url.clone(),
@@ -167,23 +197,63 @@ impl Daemon {
             shutdown: shutdown.clone(),
         });
 
-        let (listener, socket) = ipc::bind(&settings.socket_path(), settings.socket_mode_bits()?)?;
         let tasks = TaskTracker::new();
+        // Both versions: grpcurl and older tools ask v1alpha, buf asks v1.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(relay_sidecar_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let allow = AllowList::new(&settings.allow_uids, &settings.allow_gids);
+        let (listener, socket) = match activated {
+            Some(listener) => ipc::activated(listener)?,
+            None => ipc::bind(
+                &settings.socket_path(),
+                settings.socket_mode_bits()?,
+                settings.socket_gid()?,
+            )?,
+        };
+        let metrics = metrics::Metrics::default();
+        if let Some(addr) = &settings.metrics_listen {
+            let addr = addr
+                .parse()
+                .map_err(|e| ConfigError::key("metrics_listen", e))?;
+            let link = metrics::Link {
+                counters: counters_read,
+                router: router_read,
+                states: states.clone(),
+            };
+            let serve = metrics.serve(addr, link, shutdown.clone());
+            tasks.spawn(serve.await.map_err(Error::Metrics)?);
+            info!(%addr, "metrics at /metrics");
+        }
         tasks.spawn(connection.run());
+        tasks.spawn(systemd::run(states.clone(), shutdown.clone()));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(allow))
+                .layer(metrics.layer())
                 .add_service(RelaySidecarServer::new(service))
+                .add_service(health::server(states, shutdown.clone()))
+                .add_service(reflection().build_v1()?)
+                .add_service(reflection().build_v1alpha()?)
                 .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
+                    ipc::incoming(listener),
                     shutdown.clone().cancelled_owned(),
                 ),
         );
+        // Connections are queued from bind on and accepted once the server
+        // task runs, so callers may come now.
+        systemd::ready();
         info!(
             socket = %socket.path().display(),
             uuid = %identity.uuid,
             name = %identity.name,
             relay = %relay_url,
             dialect = %settings.dialect,
+            activated = socket.activated(),
+            allow_uids = ?settings.allow_uids,
+            allow_gids = ?settings.allow_gids,
             "serving"
         );
         Ok(Daemon {
@@ -218,6 +288,7 @@ impl Daemon {
             () = self.shutdown.cancelled() => None,
         };
         // Whatever ended the server, everything else stops now too.
+        systemd::stopping();
         self.shutdown.cancel();
         self.tasks.close();
         let tasks = self.tasks.clone();

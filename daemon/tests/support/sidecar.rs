@@ -137,3 +137,35 @@ pub fn daemon_command() -> tokio::process::Command {
     }
     command
 }
+
+/// A plain tonic channel to the daemon on `socket`, for clients other than
+/// the SDK's (health, reflection): `:authority` is `localhost`.
+pub async fn channel(socket: &Path) -> tonic::transport::Channel {
+    let socket = socket.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("a channel to the test daemon")
+}
+
+/// Fails the test (never skips) when a tool it needs is not installed,
+/// saying how to install it.
+pub fn require_tool(name: &str, install: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} is not installed; this test needs it. scripts/test installs it; by hand:\n    {install}"
+        )
+    })
+}
