@@ -33,20 +33,7 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// The service, one per daemon; cheap to clone into tonic.
 #[derive(Debug, Clone)]
 pub struct Service {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    identity: Identity,
-    relay_url: String,
-    dialect: Dialect,
-    relay: Handle,
-    router: Arc<Router>,
-    counters: Arc<Counters>,
-    send_timeout: Duration,
-    max_message_bytes: usize,
-    shutdown: CancellationToken,
+    inner: Arc<ServiceParts>,
 }
 
 /// What the service is built from.
@@ -66,29 +53,8 @@ pub struct ServiceParts {
 
 impl Service {
     pub fn new(parts: ServiceParts) -> Self {
-        let ServiceParts {
-            identity,
-            relay_url,
-            dialect,
-            relay,
-            router,
-            counters,
-            send_timeout,
-            max_message_bytes,
-            shutdown,
-        } = parts;
         Service {
-            inner: Arc::new(Inner {
-                identity,
-                relay_url,
-                dialect,
-                relay,
-                router,
-                counters,
-                send_timeout,
-                max_message_bytes,
-                shutdown,
-            }),
+            inner: Arc::new(parts),
         }
     }
 

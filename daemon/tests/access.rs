@@ -14,11 +14,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use nix::unistd::User;
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::Error;
 use support::Dialect;
-use support::sidecar::{TestDaemon, registered, settings};
-use tokio_util::sync::CancellationToken;
+use support::sidecar::{TestDaemon, dev_relay, registered, settings};
 
 /// The second user; `scripts/test` creates it.
 const TEST_USER: &str = "relay-sidecar-test";
@@ -37,16 +35,6 @@ fn test_user() -> User {
                  useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {TEST_USER}"
             )
         })
-}
-
-async fn dev_relay() -> DevRelay {
-    DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap()
 }
 
 /// A temp dir any user may enter, so that only the socket decides.

@@ -5,13 +5,11 @@ mod support;
 
 use std::time::Duration;
 
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::tonic::Code;
 use relay_sidecar_client::{DescriptionType, Error};
 use support::Dialect;
-use support::sidecar::{TestDaemon, registered};
-use tokio_util::sync::CancellationToken;
+use support::sidecar::{TestDaemon, dev_relay, registered};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,13 +24,7 @@ fn request(peer_uuid: &str, description_type: &str, description: String) -> v1::
 
 #[tokio::test]
 async fn bad_sends_are_refused_by_field_and_the_link_survives() {
-    let relay = DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let relay = dev_relay().await;
     let a = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let b = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let (client_a, client_b) = (a.client().await, b.client().await);
@@ -116,13 +108,7 @@ async fn bad_sends_are_refused_by_field_and_the_link_survives() {
 
 #[tokio::test]
 async fn send_stream_reports_each_bad_message_and_delivers_the_rest() {
-    let relay = DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let relay = dev_relay().await;
     let a = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let b = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let (client_a, client_b) = (a.client().await, b.client().await);

@@ -6,11 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::ConnectionState;
-use support::sidecar::{daemon_command, wait_for_state};
+use support::sidecar::{daemon_command, dev_relay, wait_for_state};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -82,13 +80,7 @@ async fn corrupt_identity_file_stops_start_up_naming_the_file() {
 
 #[tokio::test]
 async fn second_daemon_on_a_live_socket_is_refused_and_sigterm_stops_the_first() {
-    let relay = DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let relay = dev_relay().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("relay.sock");
     let state = dir.path().join("state");

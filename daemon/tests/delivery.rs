@@ -10,25 +10,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::{Client, DescriptionType, PeerMessage, Status, Subscription};
-use support::sidecar::{TestDaemon, registered, settings};
+use support::sidecar::{TestDaemon, dev_relay, registered, settings};
 use support::{Dialect, PyPeer, PyRelay};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn dev_relay() -> DevRelay {
-    DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap()
-}
 
 /// Forwards every message of `subscription` to `out`, tagged with `who`.
 fn collect(

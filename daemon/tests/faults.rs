@@ -7,27 +7,15 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use relay_sidecar::codec::{self, Dialect as WireDialect, Frame, RelayResponse};
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::{Client, DescriptionType};
 use support::Dialect;
-use support::sidecar::{TestDaemon, daemon_command, registered};
+use support::sidecar::{TestDaemon, daemon_command, dev_relay, registered};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn dev_relay() -> DevRelay {
-    DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        WireDialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap()
-}
 
 /// Resident set size of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {

@@ -5,12 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::{DescriptionType, SendOptions};
-use support::sidecar::{TestDaemon, registered, settings};
+use support::sidecar::{TestDaemon, dev_relay, registered, settings};
 use support::{Dialect, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -46,13 +44,7 @@ fn value(text: &str, sample: &str) -> f64 {
 
 #[tokio::test]
 async fn a_scrape_shows_state_counters_subscribers_and_send_latency() {
-    let relay = DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let relay = dev_relay().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut s = settings(dir.path(), &relay.url(), Dialect::Current);

@@ -9,26 +9,14 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_client::ConnectionState;
 use support::repo_root;
-use support::sidecar::{daemon_command, registered, require_tool};
+use support::sidecar::{daemon_command, dev_relay, registered, require_tool};
 use tokio::net::UnixDatagram;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 const INSTALL_SYSTEMD: &str = "apt-get update && apt-get install -y systemd";
 const INSTALLED_BINARY: &str = "/usr/local/bin/relay-sidecar";
-
-async fn dev_relay() -> DevRelay {
-    DevRelay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        relay_sidecar::codec::Dialect::Current,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("dev relay starts")
-}
 
 fn sigterm(pid: u32) {
     nix::sys::signal::kill(

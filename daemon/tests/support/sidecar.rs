@@ -169,3 +169,14 @@ pub fn require_tool(name: &str, install: &str) -> PathBuf {
         )
     })
 }
+
+/// An embedded relay (current dialect) on a free loopback port.
+pub async fn dev_relay() -> relay_sidecar::devrelay::DevRelay {
+    relay_sidecar::devrelay::DevRelay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        WireDialect::Current,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("dev relay starts")
+}
