@@ -214,8 +214,12 @@ fn required_uuid(
     value: Option<Option<Cow<'_, str>>>,
     key: &'static str,
 ) -> Result<Uuid, DecodeError> {
-    let text = required(value, key)?;
-    Uuid::parse_str(&text).map_err(|_| DecodeError::BadUuid(key))
+    // Parsed where it lies: no copy of the text first.
+    match value {
+        None => Err(DecodeError::MissingKey(key)),
+        Some(None) => Err(DecodeError::NullKey(key)),
+        Some(Some(text)) => Uuid::parse_str(&text).map_err(|_| DecodeError::BadUuid(key)),
+    }
 }
 
 fn reject(present: bool, key: &'static str, kind: &'static str) -> Result<(), DecodeError> {
@@ -311,17 +315,6 @@ struct ResponseOut<'a> {
     message_type: &'static str,
 }
 
-#[derive(Serialize)]
-struct PeerOut<'a> {
-    source_uuid: &'a uuid::fmt::Hyphenated,
-    source_name: &'a str,
-    peer_uuid: &'a uuid::fmt::Hyphenated,
-    description_type: &'a str,
-    description: &'a str,
-    error: Option<&'a str>,
-    message_type: &'static str,
-}
-
 /// Encodes one frame as JSON text in the given dialect.
 pub fn encode(frame: &Frame, dialect: Dialect) -> String {
     let encoded = match frame {
@@ -336,18 +329,73 @@ pub fn encode(frame: &Frame, dialect: Dialect) -> String {
             error: r.error,
             message_type: dialect.response_type(),
         }),
-        Frame::Peer(p) => serde_json::to_string(&PeerOut {
-            source_uuid: &p.source_uuid.hyphenated(),
-            source_name: &p.source_name,
-            peer_uuid: &p.peer_uuid.hyphenated(),
-            description_type: &p.description_type,
-            description: &p.description,
-            error: p.error.as_deref(),
-            message_type: "peer_connection",
-        }),
+        Frame::Peer(p) => {
+            return encode_peer(
+                p.source_uuid,
+                &p.source_name,
+                p.peer_uuid,
+                &p.description_type,
+                &p.description,
+                p.error.as_deref(),
+            );
+        }
     };
     // Serialising plain strings, bools and UUIDs into a String cannot fail.
     encoded.expect("relay frames always serialise")
+}
+
+/// Encodes a peer connection message (the same in both dialects) from
+/// borrowed parts, byte for byte as [`encode`] of the owned frame would.
+///
+/// This is every send's path, so it writes into one buffer of the right
+/// size and copies strings that need no escaping as they are; serde_json
+/// escapes the rest.
+pub fn encode_peer(
+    source_uuid: Uuid,
+    source_name: &str,
+    peer_uuid: Uuid,
+    description_type: &str,
+    description: &str,
+    error: Option<&str>,
+) -> String {
+    const FIXED: usize = r#"{"source_uuid":"","source_name":"","peer_uuid":"","description_type":"","description":"","error":null,"message_type":"peer_connection"}"#.len() + 2 * 36;
+    let strings = source_name.len() + description_type.len() + description.len();
+    let mut out = Vec::with_capacity(FIXED + strings + error.map_or(0, |e| e.len() + 2) + 16);
+    let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.extend_from_slice(br#"{"source_uuid":""#);
+    out.extend_from_slice(source_uuid.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(br#"","source_name":"#);
+    json_string(&mut out, source_name);
+    out.extend_from_slice(br#","peer_uuid":""#);
+    out.extend_from_slice(peer_uuid.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(br#"","description_type":"#);
+    json_string(&mut out, description_type);
+    out.extend_from_slice(br#","description":"#);
+    json_string(&mut out, description);
+    out.extend_from_slice(br#","error":"#);
+    match error {
+        Some(error) => json_string(&mut out, error),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(br#","message_type":"peer_connection"}"#);
+    // Only whole UTF-8 strings and ASCII went in.
+    String::from_utf8(out).expect("JSON built from str is UTF-8")
+}
+
+/// Appends `text` as a JSON string, as serde_json writes it.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // No early exit, so that the check runs many bytes at a time.
+    let plain = text.as_bytes().iter().fold(true, |plain, &b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.reserve(text.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, text).expect("writing to a Vec cannot fail");
+    }
 }
 
 #[cfg(test)]
@@ -409,6 +457,44 @@ mod tests {
         let frame = Frame::Peer(peer());
         assert_eq!(encode(&frame, Dialect::Current), expected);
         assert_eq!(encode(&frame, Dialect::Legacy), expected);
+    }
+
+    #[test]
+    fn peer_encoding_matches_serde_json_for_any_text() {
+        #[derive(Serialize)]
+        struct Reference<'a> {
+            source_uuid: uuid::fmt::Hyphenated,
+            source_name: &'a str,
+            peer_uuid: uuid::fmt::Hyphenated,
+            description_type: &'a str,
+            description: &'a str,
+            error: Option<&'a str>,
+            message_type: &'static str,
+        }
+        let texts = [
+            "",
+            "plain",
+            "v=0\r\no=- 46117 2 IN IP4 127.0.0.1\r\n",
+            "\"quoted\" and \\ back",
+            "tab\there, nul \u{0} and \u{1f}",
+            "ünïcødé ✓ \u{7f} \u{10ffff}",
+        ];
+        let (a, b) = (A.parse().unwrap(), B.parse().unwrap());
+        for text in texts {
+            for error in [None, Some(text)] {
+                let expected = serde_json::to_string(&Reference {
+                    source_uuid: Uuid::hyphenated(a),
+                    source_name: text,
+                    peer_uuid: Uuid::hyphenated(b),
+                    description_type: "offer",
+                    description: text,
+                    error,
+                    message_type: "peer_connection",
+                })
+                .unwrap();
+                assert_eq!(encode_peer(a, text, b, "offer", text, error), expected);
+            }
+        }
     }
 
     #[test]

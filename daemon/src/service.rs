@@ -16,7 +16,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::codec::{self, DESCRIPTION_TYPES, Dialect, Frame, PeerConnection};
+use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
 use crate::relay::{Handle, SendError};
 use crate::router::{PeerMessage, Router, Worker};
@@ -73,16 +73,14 @@ impl Service {
             )));
         }
         let identity = &self.inner.identity;
-        let frame = codec::encode(
-            &Frame::Peer(PeerConnection {
-                source_uuid: identity.uuid,
-                source_name: identity.name.clone(),
-                peer_uuid,
-                description_type: request.description_type.clone(),
-                description: request.description.clone(),
-                error: None,
-            }),
-            self.inner.dialect,
+        // The same in both dialects; encoded from the request as it is.
+        let frame = codec::encode_peer(
+            identity.uuid,
+            &identity.name,
+            peer_uuid,
+            &request.description_type,
+            &request.description,
+            None,
         );
         if frame.len() > self.inner.max_message_bytes {
             return Err(Status::invalid_argument(format!(
@@ -152,17 +150,19 @@ fn state_to_proto(state: ConnectionState) -> v1::ConnectionState {
     }
 }
 
-fn message_to_proto(message: &PeerMessage) -> v1::SubscribeResponse {
-    let peer = &message.peer;
+fn message_to_proto(message: Arc<PeerMessage>) -> v1::SubscribeResponse {
+    // A message that reached one subscriber only is this stream's alone: its
+    // strings move into the response instead of being copied.
+    let PeerMessage { peer, bounced } = Arc::unwrap_or_clone(message);
     v1::SubscribeResponse {
         message: Some(v1::PeerMessage {
             source_uuid: peer.source_uuid.to_string(),
-            source_name: peer.source_name.clone(),
+            source_name: peer.source_name,
             peer_uuid: peer.peer_uuid.to_string(),
-            description_type: peer.description_type.clone(),
-            description: peer.description.clone(),
-            error: peer.error.clone(),
-            bounced: message.bounced,
+            description_type: peer.description_type,
+            description: peer.description,
+            error: peer.error,
+            bounced,
         }),
     }
 }
@@ -329,7 +329,7 @@ impl RelaySidecar for Service {
         let subscription = self.inner.router.subscribe(group, worker);
         self.inner.relay.wake();
         let stream = subscription
-            .map(|message| Ok(message_to_proto(&message)))
+            .map(|message| Ok(message_to_proto(message)))
             .take_until(self.inner.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }

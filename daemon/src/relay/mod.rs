@@ -183,6 +183,10 @@ impl Handle {
     /// until `deadline`; the [`Ticket`] then tells how it went. Frames
     /// submitted one after another are written in that order.
     pub async fn submit(&self, frame: String, deadline: Instant) -> Result<Ticket, SendError> {
+        // Registered is the usual case: no waiting, so none of its machinery.
+        if self.status.borrow().state == ConnectionState::Registered {
+            return self.enqueue(frame, deadline).await;
+        }
         self.wake();
         let mut status = self.status.clone();
         let ready = timeout_at(deadline, async {
@@ -214,6 +218,12 @@ impl Handle {
             ConnectionState::Stopping => return Err(SendError::Stopping),
             _ => {}
         }
+        self.enqueue(frame, deadline).await
+    }
+
+    /// Hands a frame to the relay task, which writes it if still
+    /// registered and sends it back otherwise.
+    async fn enqueue(&self, frame: String, deadline: Instant) -> Result<Ticket, SendError> {
         let (reply, answer) = oneshot::channel();
         let outbound = Outbound {
             frame,
@@ -257,7 +267,9 @@ impl Ticket {
             match self.answer.await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(Undelivered::NotRegistered(frame))) => {
-                    self = self.handle.submit(frame, self.deadline).await?;
+                    // Rare; boxed so that every send's outcome future stays
+                    // small (SendStream keeps a thousand of them).
+                    self = Box::pin(self.handle.submit(frame, self.deadline)).await?;
                 }
                 Ok(Err(Undelivered::Expired)) => return Err(self.handle.not_registered()),
                 Ok(Err(Undelivered::Unconfirmed(why))) => return Err(SendError::Unconfirmed(why)),
