@@ -69,6 +69,10 @@ def main() -> int:
 
     out_dir = tempfile.mkdtemp(prefix="relay-sidecar-stubs-")
     generate_stubs(args.proto_dir, out_dir)
+    # Regular packages, first on the path: an installed relay_sidecar (the
+    # Python SDK) must not shadow these stubs.
+    for package in ("relay_sidecar", os.path.join("relay_sidecar", "v1")):
+        open(os.path.join(out_dir, package, "__init__.py"), "w").close()
     sys.path.insert(0, out_dir)
     pb = importlib.import_module("relay_sidecar.v1.relay_sidecar_pb2")
     pb_grpc = importlib.import_module("relay_sidecar.v1.relay_sidecar_pb2_grpc")
