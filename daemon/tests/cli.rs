@@ -7,8 +7,7 @@ mod support;
 use std::time::Duration;
 
 use relay_sidecar_client::ConnectionState;
-use support::sidecar::{daemon_command, dev_relay, wait_for_state};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::sidecar::{daemon_command, dev_relay, spawn_daemon, wait_for_state};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -91,22 +90,8 @@ async fn second_daemon_on_a_live_socket_is_refused_and_sigterm_stops_the_first()
         socket.to_str().unwrap(),
         "--state-dir",
         state.to_str().unwrap(),
-        "--log-format",
-        "json",
     ];
-    let mut first = daemon_command().args(args).spawn().unwrap();
-    // The first daemon logs "serving" once its socket is bound.
-    let mut log = BufReader::new(first.stderr.take().unwrap()).lines();
-    tokio::time::timeout(WAIT, async {
-        while let Some(line) = log.next_line().await.unwrap() {
-            if line.contains("\"serving\"") {
-                return;
-            }
-        }
-        panic!("the daemon exited before serving");
-    })
-    .await
-    .expect("the daemon serves in time");
+    let mut first = spawn_daemon(&args).await;
     let client = relay_sidecar_client::connect(&socket).await.unwrap();
     let mut statuses = client.watch_status().await.unwrap();
     wait_for_state(&mut statuses, ConnectionState::Registered).await;

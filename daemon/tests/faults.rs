@@ -10,8 +10,7 @@ use relay_sidecar::codec::{self, Dialect as WireDialect, Frame, RelayResponse};
 use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::{Client, DescriptionType};
 use support::Dialect;
-use support::sidecar::{TestDaemon, daemon_command, dev_relay, registered};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::sidecar::{TestDaemon, dev_relay, registered, spawn_daemon};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -22,29 +21,6 @@ fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Starts the daemon binary with `args` and waits for its "serving" log line.
-async fn spawn_daemon(args: &[&str]) -> tokio::process::Child {
-    let mut child = daemon_command()
-        .args(args)
-        .args(["--log-format", "json"])
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::time::timeout(WAIT, async {
-        while let Some(line) = log.next_line().await.unwrap() {
-            if line.contains("\"serving\"") {
-                return;
-            }
-        }
-        panic!("the daemon exited before serving");
-    })
-    .await
-    .expect("the daemon serves in time");
-    // Keep draining its log so that it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
-    child
 }
 
 /// Bound on the daemon's growth over 1,000 subscribe-and-drop clients.

@@ -180,3 +180,29 @@ pub async fn dev_relay() -> relay_sidecar::devrelay::DevRelay {
     .await
     .expect("dev relay starts")
 }
+
+/// Starts the daemon binary with `args` (plus JSON logs) and waits for its
+/// "serving" log line, which comes once its socket is bound.
+pub async fn spawn_daemon(args: &[&str]) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+
+    let mut child = daemon_command()
+        .args(args)
+        .args(["--log-format", "json"])
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(STATE_TIMEOUT, async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("\"serving\"") {
+                return;
+            }
+        }
+        panic!("the daemon exited before serving");
+    })
+    .await
+    .expect("the daemon serves in time");
+    // Keep draining its log so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    child
+}
