@@ -91,20 +91,62 @@ pub struct Router {
 #[derive(Debug)]
 struct Inner {
     next_id: u64,
-    subscribers: Vec<Subscriber>,
-    /// Turn-taking position per named group.
-    turns: Vec<(String, usize)>,
+    /// Subscribers without a group: each is a group of its own.
+    solo: Vec<Member>,
+    /// Named groups that have members now.
+    groups: Vec<Group>,
     backlog: VecDeque<Arc<PeerMessage>>,
     /// Remote peer -> the worker that last sent to it, and until when.
     affinity: HashMap<Uuid, (Worker, Instant)>,
 }
 
 #[derive(Debug)]
-struct Subscriber {
+struct Group {
+    name: String,
+    members: Vec<Member>,
+    /// The member whose turn is next (modulo the member count).
+    turn: usize,
+}
+
+#[derive(Debug)]
+struct Member {
     id: u64,
-    group: Option<String>,
     worker: Worker,
     tx: mpsc::Sender<Arc<PeerMessage>>,
+}
+
+/// How one try to hand a message to a member went.
+enum Handed {
+    Taken,
+    Full,
+    Closed,
+}
+
+impl Member {
+    fn hand(&self, message: &Arc<PeerMessage>) -> Handed {
+        match self.tx.try_send(Arc::clone(message)) {
+            Ok(()) => Handed::Taken,
+            Err(mpsc::error::TrySendError::Full(_)) => Handed::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Handed::Closed,
+        }
+    }
+}
+
+impl Inner {
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        self.solo
+            .iter()
+            .chain(self.groups.iter().flat_map(|g| g.members.iter()))
+    }
+
+    /// Drops members whose stream is gone, and groups left empty.
+    fn prune(&mut self, keep: impl Fn(&Member) -> bool) {
+        self.solo.retain(&keep);
+        for group in &mut self.groups {
+            group.members.retain(&keep);
+        }
+        self.groups.retain(|g| !g.members.is_empty());
+    }
 }
 
 impl Router {
@@ -112,8 +154,8 @@ impl Router {
         Arc::new(Router {
             inner: Mutex::new(Inner {
                 next_id: 0,
-                subscribers: Vec::new(),
-                turns: Vec::new(),
+                solo: Vec::new(),
+                groups: Vec::new(),
                 backlog: VecDeque::new(),
                 affinity: HashMap::new(),
             }),
@@ -130,14 +172,14 @@ impl Router {
 
     /// Open subscriptions now.
     pub fn subscribers(&self) -> usize {
-        self.lock().subscribers.len()
+        self.lock().members().count()
     }
 
     /// Distinct workers with an open subscription now.
     pub fn workers(&self) -> usize {
         let inner = self.lock();
-        let mut workers: Vec<&Worker> = inner.subscribers.iter().map(|s| &s.worker).collect();
-        workers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut workers: Vec<&str> = inner.members().map(|m| m.worker.as_str()).collect();
+        workers.sort_unstable();
         workers.dedup();
         workers.len()
     }
@@ -175,12 +217,18 @@ impl Router {
             group = group.as_deref(),
             "subscribed"
         );
-        inner.subscribers.push(Subscriber {
-            id,
-            group,
-            worker,
-            tx,
-        });
+        let member = Member { id, worker, tx };
+        match group {
+            None => inner.solo.push(member),
+            Some(name) => match inner.groups.iter_mut().find(|g| g.name == name) {
+                Some(group) => group.members.push(member),
+                None => inner.groups.push(Group {
+                    name,
+                    members: vec![member],
+                    turn: 0,
+                }),
+            },
+        }
         Subscription {
             id,
             rx,
@@ -189,17 +237,17 @@ impl Router {
     }
 
     fn unsubscribe(&self, id: u64) {
-        let mut inner = self.lock();
-        inner.subscribers.retain(|s| s.id != id);
+        self.lock().prune(|m| m.id != id);
         debug!(subscriber = id, "unsubscribed");
     }
 
-    /// Delivers one inbound message. Never blocks.
+    /// Delivers one inbound message. Never blocks, never allocates beyond
+    /// the message itself.
     pub fn dispatch(&self, message: PeerMessage) {
         let message = Arc::new(message);
         let mut inner = self.lock();
         let inner = &mut *inner;
-        if inner.subscribers.is_empty() {
+        if inner.solo.is_empty() && inner.groups.is_empty() {
             inner.backlog.push_back(message);
             if inner.backlog.len() > self.limits.backlog {
                 inner.backlog.pop_front();
@@ -213,61 +261,40 @@ impl Router {
         }
 
         let preferred = match inner.affinity.get(&message.remote()) {
-            Some((worker, until)) if *until > Instant::now() => Some(worker.clone()),
+            Some((worker, until)) if *until > Instant::now() => Some(worker),
             _ => None,
         };
         let mut delivered = 0;
         let mut dropped = 0;
         let mut closed = false;
         // Ungrouped subscribers each get the message.
-        for sub in inner.subscribers.iter().filter(|s| s.group.is_none()) {
-            match sub.tx.try_send(Arc::clone(&message)) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
-                Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
+        for member in &inner.solo {
+            match member.hand(&message) {
+                Handed::Taken => delivered += 1,
+                Handed::Full => dropped += 1,
+                Handed::Closed => closed = true,
             }
         }
         // Each named group gets it once: from the preferred worker's
         // subscription if it has one there, else from the member whose turn
         // it is; a full member passes it on to the next.
-        let mut seen: Vec<&str> = Vec::new();
-        for sub in &inner.subscribers {
-            let Some(group) = sub.group.as_deref() else {
-                continue;
-            };
-            if seen.contains(&group) {
-                continue;
-            }
-            seen.push(group);
-            let members: Vec<&Subscriber> = inner
-                .subscribers
-                .iter()
-                .filter(|s| s.group.as_deref() == Some(group))
-                .collect();
-            let turn = match inner.turns.iter_mut().find(|(g, _)| g == group) {
-                Some((_, turn)) => turn,
-                None => {
-                    inner.turns.push((group.to_owned(), 0));
-                    &mut inner.turns.last_mut().expect("just pushed").1
-                }
-            };
-            let affine = preferred
-                .as_ref()
-                .and_then(|w| members.iter().position(|m| &m.worker == w));
-            let start = affine.unwrap_or(*turn);
+        for group in &mut inner.groups {
+            let count = group.members.len();
+            let affine = preferred.and_then(|w| group.members.iter().position(|m| &m.worker == w));
+            let start = affine.unwrap_or(group.turn);
             let mut taken = false;
-            for offset in 0..members.len() {
-                let index = (start + offset) % members.len();
-                match members[index].tx.try_send(Arc::clone(&message)) {
-                    Ok(()) => {
+            for offset in 0..count {
+                let index = (start + offset) % count;
+                match group.members[index].hand(&message) {
+                    Handed::Taken => {
                         if affine.is_none() {
-                            *turn = index + 1;
+                            group.turn = index + 1;
                         }
                         taken = true;
                         break;
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
+                    Handed::Full => {}
+                    Handed::Closed => closed = true,
                 }
             }
             if taken {
@@ -277,7 +304,7 @@ impl Router {
             }
         }
         if closed {
-            inner.subscribers.retain(|s| !s.tx.is_closed());
+            inner.prune(|m| !m.tx.is_closed());
         }
         Counters::add(&self.counters.delivered, delivered);
         if dropped > 0 {
@@ -451,5 +478,15 @@ mod tests {
         router.dispatch(from(peer, 2));
         assert_eq!(drain(&mut s1), ["1"]);
         assert_eq!(drain(&mut s2), ["2"]);
+    }
+
+    #[test]
+    fn a_group_is_forgotten_when_its_last_member_leaves() {
+        let (router, _) = router(4, 4);
+        for n in 0..100 {
+            drop(router.subscribe(Some(format!("group-{n}")), Worker::process(n)));
+        }
+        let inner = router.lock();
+        assert!(inner.groups.is_empty() && inner.solo.is_empty());
     }
 }
