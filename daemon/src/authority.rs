@@ -117,11 +117,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Normalise<S> {
             // Frame payloads that pass unchanged (DATA, above all) are read
             // straight into the caller's buffer.
             if let Some(limit) = this.rewriter.direct_limit() {
-                let max = limit.min(buf.remaining());
-                let mut direct = ReadBuf::new(buf.initialize_unfilled_to(max));
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
-                let n = direct.filled().len();
-                buf.advance(n);
+                let n = if limit >= buf.remaining() {
+                    // The caller's buffer as it is: no copy, and none of
+                    // its unwritten part zeroed first.
+                    let before = buf.filled().len();
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                    buf.filled().len() - before
+                } else {
+                    let mut direct = ReadBuf::new(buf.initialize_unfilled_to(limit));
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
+                    let n = direct.filled().len();
+                    buf.advance(n);
+                    n
+                };
                 this.rewriter.passed_directly(n);
                 this.eof = n == 0;
                 return Poll::Ready(Ok(()));
