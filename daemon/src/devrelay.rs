@@ -281,6 +281,7 @@ async fn connection(
         debug!(conn, error = %e, "could not set TCP_NODELAY");
     }
     let config = WebSocketConfig::default()
+        .read_buffer_size(crate::relay::READ_BUFFER_BYTES)
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
     let handshake = tokio::time::timeout(

@@ -25,6 +25,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use relay_sidecar::codec::{self, Dialect, Frame, PeerConnection, Registration};
 use relay_sidecar::devrelay::DevRelay;
+use relay_sidecar::relay;
 use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::proto::v1::relay_sidecar_client::RelaySidecarClient;
 use serde::Serialize;
@@ -33,6 +34,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -730,7 +732,13 @@ impl RawPeer {
     async fn connect(url: &str, name: &str) -> Result<RawPeer> {
         let (mut ws, _) = timeout(
             START_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(url, None, true),
+            // The daemon's own read size, so that the limit is not
+            // handicapped by tungstenite's larger default.
+            tokio_tungstenite::connect_async_with_config(
+                url,
+                Some(WebSocketConfig::default().read_buffer_size(relay::READ_BUFFER_BYTES)),
+                true,
+            ),
         )
         .await
         .context("connecting to the relay timed out")??;

@@ -44,6 +44,12 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How many queued sends are written before one flush.
 const WRITE_BATCH: usize = 64;
+
+/// How much one read from a WebSocket asks for, bytes. tungstenite zeroes
+/// this much of its buffer before every read (its default is 128 KiB), and
+/// relay messages are a few hundred bytes: a larger frame just takes several
+/// reads. The embedded relay uses the same.
+pub const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// How long a clean close waits for the relay's answering close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -541,6 +547,7 @@ impl Connection {
             None => Connector::Plain,
         };
         let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
             .max_message_size(Some(self.options.max_message_bytes.max(1 << 20) * 2))
             .max_frame_size(Some(self.options.max_message_bytes.max(1 << 20) * 2));
         debug!(url = %self.options.url, "connecting to relay");
