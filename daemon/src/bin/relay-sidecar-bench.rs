@@ -232,8 +232,10 @@ fn run(flags: Flags) -> Result<()> {
         relay_url: relay.url(),
         dir: work.path.clone(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The clients (raw WebSocket peers and gRPC workers alike) share one
+    // thread: on 2 cores, a second one only adds wake-ups between threads to
+    // every round trip, for the raw pair as much as for the sidecar.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("bench")
         .enable_all()
         .build()?;

@@ -33,7 +33,13 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     logging::init(&settings.log_format, &settings.log_level);
-    let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+    // One thread: the daemon's work is short hops between sockets, and on a
+    // busy host handing each hop to another thread costs more than it saves
+    // (measured: the "Performance" section of the README).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
     match runtime.block_on(cli::run(settings, activated)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
