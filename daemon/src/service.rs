@@ -18,12 +18,17 @@ use uuid::Uuid;
 
 use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
-use crate::relay::{Handle, SendError};
+use crate::relay::{Handle, SendError, Ticket};
 use crate::router::{PeerMessage, Router, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
-/// How many messages of one SendStream may be on their way at once.
-const IN_FLIGHT: usize = 1024;
+/// The most messages of one SendStream taken together: what has arrived is
+/// validated, written to the relay and confirmed as one.
+const CHUNK: usize = 64;
+
+/// How many chunks of one SendStream may be on their way at once (so at
+/// most `CHUNK * CHUNKS_IN_FLIGHT` messages).
+const CHUNKS_IN_FLIGHT: usize = 16;
 
 /// The most a Send keeps back from the caller's deadline to answer in time.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
@@ -56,6 +61,43 @@ impl Service {
         Service {
             inner: Arc::new(parts),
         }
+    }
+
+    /// Validates and encodes what arrived of a SendStream, and queues the
+    /// valid messages for the relay as one.
+    async fn submit_chunk(
+        &self,
+        items: Vec<Result<v1::SendRequest, Status>>,
+        process: &Worker,
+    ) -> Chunk {
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut frames = Vec::with_capacity(items.len());
+        for item in items {
+            let encoded = item.and_then(|request| {
+                let (peer, frame) = self.encode(&request)?;
+                let worker = if request.worker.is_empty() {
+                    process.clone()
+                } else {
+                    Worker::label(&request.worker)
+                };
+                self.inner.router.note_send(&worker, peer);
+                Ok(frame)
+            });
+            match encoded {
+                Ok(frame) => {
+                    frames.push(frame);
+                    outcomes.push(Ok(()));
+                }
+                Err(status) => outcomes.push(Err(status)),
+            }
+        }
+        let ticket = if frames.is_empty() {
+            None
+        } else {
+            let deadline = Instant::now() + self.inner.send_timeout;
+            Some(self.inner.relay.submit_all(frames, deadline).await)
+        };
+        Chunk { outcomes, ticket }
     }
 
     /// Validates and encodes a send request. Nothing invalid reaches the relay.
@@ -167,6 +209,34 @@ fn message_to_proto(message: Arc<PeerMessage>) -> v1::SubscribeResponse {
     }
 }
 
+/// Part of a SendStream on its way: one outcome per message, in order, the
+/// valid ones `Ok` until the relay's answer for them all is known.
+struct Chunk {
+    outcomes: Vec<Result<(), Status>>,
+    ticket: Option<Result<Ticket, SendError>>,
+}
+
+impl Chunk {
+    async fn settle(self) -> Vec<Result<(), Status>> {
+        let Chunk {
+            mut outcomes,
+            ticket,
+        } = self;
+        let answer = match ticket {
+            None => Ok(()),
+            Some(Ok(ticket)) => ticket.outcome().await,
+            Some(Err(e)) => Err(e),
+        };
+        if let Err(e) = answer {
+            let status = Status::from(e);
+            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                *outcome = Err(status.clone());
+            }
+        }
+        outcomes
+    }
+}
+
 impl From<SendError> for Status {
     fn from(e: SendError) -> Self {
         match e {
@@ -273,33 +343,22 @@ impl RelaySidecar for Service {
     ) -> Result<Response<Self::SendStreamStream>, Status> {
         let process = caller(&request, "");
         let service = self.clone();
-        // Messages are queued for the relay one after another, in order;
-        // their outcomes are awaited up to IN_FLIGHT at a time, come back in
-        // order, and leave in batches.
+        // What has arrived is taken as a chunk and queued for the relay,
+        // chunk after chunk, in order; outcomes are awaited up to
+        // CHUNKS_IN_FLIGHT chunks at a time, come back in order, and leave
+        // in batches.
         let outcomes = request
             .into_inner()
-            .then(move |item| {
+            .ready_chunks(CHUNK)
+            .then(move |items| {
                 let service = service.clone();
                 let process = process.clone();
-                async move {
-                    let request = item?;
-                    let (peer, frame) = service.encode(&request)?;
-                    let worker = if request.worker.is_empty() {
-                        process
-                    } else {
-                        Worker::label(&request.worker)
-                    };
-                    service.inner.router.note_send(&worker, peer);
-                    let deadline = Instant::now() + service.inner.send_timeout;
-                    Ok::<_, Status>(service.inner.relay.submit(frame, deadline).await?)
-                }
+                async move { service.submit_chunk(items, &process).await }
             })
-            .map(|submitted| async move {
-                submitted?.outcome().await?;
-                Ok::<(), Status>(())
-            })
-            .buffered(IN_FLIGHT)
-            .ready_chunks(IN_FLIGHT);
+            .map(Chunk::settle)
+            .buffered(CHUNKS_IN_FLIGHT)
+            .ready_chunks(CHUNKS_IN_FLIGHT)
+            .map(|chunks| chunks.into_iter().flatten());
         let mut settled = 0u64;
         let responses = outcomes.map(move |chunk| {
             let mut failures = Vec::new();

@@ -192,3 +192,59 @@ async fn send_stream_reports_each_bad_message_and_delivers_the_rest() {
     b.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn send_stream_without_a_relay_gives_every_message_its_own_outcome() {
+    // A relay that was there and is gone: the daemon backs off and retries.
+    let relay = dev_relay().await;
+    let url = relay.url();
+    relay.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = support::sidecar::settings(dir.path(), &url, Dialect::Current);
+    settings.send_timeout = Duration::from_millis(300);
+    let daemon = TestDaemon::start_with(settings).await;
+    let client = daemon.client().await;
+
+    const N: u64 = 300;
+    const BAD: u64 = 157;
+    let peer = uuid::Uuid::new_v4().to_string();
+    let requests: Vec<v1::SendRequest> = (0..N)
+        .map(|n| match n {
+            BAD => request(&peer, "hello", "bad".into()),
+            _ => request(&peer, "offer", n.to_string()),
+        })
+        .collect();
+    let mut progress = client
+        .raw()
+        .send_stream(futures_util::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut settled, mut failures) = (0, Vec::new());
+    while let Some(response) = progress.message().await.unwrap() {
+        settled = response.settled;
+        failures.extend(response.failures);
+    }
+    assert_eq!(settled, N, "every message has an outcome");
+    let indices: Vec<u64> = failures.iter().map(|f| f.index).collect();
+    assert_eq!(
+        indices,
+        (0..N).collect::<Vec<_>>(),
+        "one failure per message, in order"
+    );
+    for failure in &failures {
+        let expected = if failure.index == BAD {
+            Code::InvalidArgument
+        } else {
+            Code::Unavailable
+        };
+        assert_eq!(
+            failure.code, expected as i32,
+            "message {}: {}",
+            failure.index, failure.message
+        );
+    }
+    let status = client.status().await.unwrap();
+    assert_eq!(status.counters.sent, 0);
+    daemon.stop().await;
+}

@@ -42,7 +42,8 @@ use crate::status::{ConnectionState, Counters, LinkStatus};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// How many queued sends are written before one flush.
+/// How many queued frames are gathered for one flush (a batch that
+/// arrives as one, from a SendStream, is never split).
 const WRITE_BATCH: usize = 64;
 
 /// How much one read from a WebSocket asks for, bytes. tungstenite zeroes
@@ -113,8 +114,8 @@ fn code_suffix(code: Option<u16>) -> String {
 /// What the relay task tells a sender.
 #[derive(Debug)]
 enum Undelivered {
-    /// Not registered right now; the frame comes back to wait again.
-    NotRegistered(String),
+    /// Not registered right now; the frames come back to wait again.
+    NotRegistered(Vec<String>),
     /// The deadline passed before the frame could be written.
     Expired,
     /// Written, but the connection ended before the relay confirmed it.
@@ -129,12 +130,15 @@ type Reply = oneshot::Sender<Result<(), Undelivered>>;
 #[derive(Debug)]
 struct Pending {
     probe: u64,
+    /// How many frames the replies stand for.
+    frames: u64,
     replies: Vec<Reply>,
 }
 
 #[derive(Debug)]
 struct Outbound {
-    frame: String,
+    /// Written together, in order, and confirmed together.
+    frames: Vec<String>,
     deadline: Instant,
     reply: Reply,
 }
@@ -189,9 +193,21 @@ impl Handle {
     /// until `deadline`; the [`Ticket`] then tells how it went. Frames
     /// submitted one after another are written in that order.
     pub async fn submit(&self, frame: String, deadline: Instant) -> Result<Ticket, SendError> {
+        self.submit_all(vec![frame], deadline).await
+    }
+
+    /// Queues several encoded frames for the relay, as one: they are
+    /// written together and in order, and one [`Ticket`] tells how it went
+    /// for all of them. This is how a stream of sends avoids paying for
+    /// each message's confirmation on its own.
+    pub async fn submit_all(
+        &self,
+        frames: Vec<String>,
+        deadline: Instant,
+    ) -> Result<Ticket, SendError> {
         // Registered is the usual case: no waiting, so none of its machinery.
         if self.status.borrow().state == ConnectionState::Registered {
-            return self.enqueue(frame, deadline).await;
+            return self.enqueue(frames, deadline).await;
         }
         self.wake();
         let mut status = self.status.clone();
@@ -224,15 +240,15 @@ impl Handle {
             ConnectionState::Stopping => return Err(SendError::Stopping),
             _ => {}
         }
-        self.enqueue(frame, deadline).await
+        self.enqueue(frames, deadline).await
     }
 
     /// Hands a frame to the relay task, which writes it if still
     /// registered and sends it back otherwise.
-    async fn enqueue(&self, frame: String, deadline: Instant) -> Result<Ticket, SendError> {
+    async fn enqueue(&self, frames: Vec<String>, deadline: Instant) -> Result<Ticket, SendError> {
         let (reply, answer) = oneshot::channel();
         let outbound = Outbound {
-            frame,
+            frames,
             deadline,
             reply,
         };
@@ -255,7 +271,7 @@ impl Handle {
     }
 }
 
-/// A frame on its way to the relay.
+/// Frames on their way to the relay.
 #[derive(Debug)]
 pub struct Ticket {
     handle: Handle,
@@ -264,18 +280,18 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Waits until the relay has handled the frame, or it is known that it
-    /// was not (or may not have been) sent. A frame that met a lost
-    /// registration before it was written is submitted again, within its
-    /// deadline.
+    /// Waits until the relay has handled the frames, or it is known that
+    /// they were not (or may not have been) sent. Frames that met a lost
+    /// registration before they were written are submitted again, within
+    /// their deadline.
     pub async fn outcome(mut self) -> Result<(), SendError> {
         loop {
             match self.answer.await {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(Undelivered::NotRegistered(frame))) => {
+                Ok(Err(Undelivered::NotRegistered(frames))) => {
                     // Rare; boxed so that every send's outcome future stays
-                    // small (SendStream keeps a thousand of them).
-                    self = Box::pin(self.handle.submit(frame, self.deadline)).await?;
+                    // small (SendStream keeps many of them).
+                    self = Box::pin(self.handle.submit_all(frames, self.deadline)).await?;
                 }
                 Ok(Err(Undelivered::Expired)) => return Err(self.handle.not_registered()),
                 Ok(Err(Undelivered::Unconfirmed(why))) => return Err(SendError::Unconfirmed(why)),
@@ -475,7 +491,7 @@ impl Connection {
     /// Answers a command that arrives while not registered.
     fn refuse(&self, command: Command) {
         if let Command::Send(out) = command {
-            let _ = out.reply.send(Err(Undelivered::NotRegistered(out.frame)));
+            let _ = out.reply.send(Err(Undelivered::NotRegistered(out.frames)));
         }
     }
 
@@ -755,7 +771,8 @@ impl Connection {
         socket: &mut Socket,
         first: Outbound,
     ) -> Result<(), SessionEnd> {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut batch = Vec::new();
+        let mut frames = 0;
         let mut deferred = None;
         let mut next = Some(first);
         while let Some(out) = next.take() {
@@ -764,9 +781,10 @@ impl Connection {
             } else if Instant::now() >= out.deadline {
                 let _ = out.reply.send(Err(Undelivered::Expired));
             } else {
+                frames += out.frames.len();
                 batch.push(out);
             }
-            if batch.len() < WRITE_BATCH {
+            if frames < WRITE_BATCH {
                 match self.commands.try_recv() {
                     Ok(Command::Send(out)) => next = Some(out),
                     Ok(other) => deferred = Some(other),
@@ -781,8 +799,10 @@ impl Connection {
             let mut result = Ok(());
             for out in batch {
                 replies.push(out.reply);
-                if result.is_ok() {
-                    result = socket.feed(Message::text(out.frame)).await;
+                for frame in out.frames {
+                    if result.is_ok() {
+                        result = socket.feed(Message::text(frame)).await;
+                    }
                 }
             }
             if result.is_ok() {
@@ -793,7 +813,11 @@ impl Connection {
             }
             // Written or not, the senders wait for the probe: if the write
             // failed, the session ends and tells them it is unconfirmed.
-            self.pending.push_back(Pending { probe, replies });
+            self.pending.push_back(Pending {
+                probe,
+                frames: frames as u64,
+                replies,
+            });
             if let Err(e) = result {
                 return Err(SessionEnd::Closed {
                     code: None,
@@ -841,7 +865,7 @@ impl Connection {
         };
         while self.pending.front().is_some_and(|p| p.probe <= seq) {
             let done = self.pending.pop_front().expect("front exists");
-            Counters::add(&self.counters.sent, done.replies.len() as u64);
+            Counters::add(&self.counters.sent, done.frames);
             for reply in done.replies {
                 let _ = reply.send(Ok(()));
             }
