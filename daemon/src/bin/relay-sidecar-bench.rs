@@ -388,11 +388,22 @@ impl Bench {
         let b = self.start_daemon("sidecar-b", &self.relay_url).await?;
         let (mut latencies, mut unary, mut stream) = (Vec::new(), Vec::new(), Vec::new());
         let mut round_trips = Vec::new();
+        // CPU per message, µs: [unary, stream] x [sending, receiving daemon].
+        let mut cpu: [[Vec<f64>; 2]; 2] = Default::default();
         for rep in 0..c.repetitions {
             round_trips.push(grpc_round_trips(&a, c.warmup, c.latency).await?);
             let samples = sidecar_latency(&a, &b, c.warmup, c.latency, c.payload).await?;
+            let start = (a.cpu_ns()?, b.cpu_ns()?);
             let u = sidecar_unary(&a, &b, c.unary, c.workers, c.payload).await?;
+            let between = (a.cpu_ns()?, b.cpu_ns()?);
             let s = sidecar_stream(&a, &b, c.throughput, c.payload).await?;
+            let end = (a.cpu_ns()?, b.cpu_ns()?);
+            let per_message =
+                |from: u64, to: u64, count: u64| (to - from) as f64 / count as f64 / 1e3;
+            cpu[0][0].push(per_message(start.0, between.0, c.unary));
+            cpu[0][1].push(per_message(start.1, between.1, c.unary));
+            cpu[1][0].push(per_message(between.0, end.0, c.throughput));
+            cpu[1][1].push(per_message(between.1, end.1, c.throughput));
             progress("sidecar", rep, &samples, s);
             eprintln!("  unary x{}: {u:.0}/s", c.workers);
             latencies.push(samples);
@@ -441,6 +452,23 @@ impl Bench {
             .reference("raw.throughput")
             .target(Target::AtLeast(500_000.0)),
         );
+        let [unary_cpu, stream_cpu] = cpu;
+        for (rpc, [sending, receiving]) in [("unary", unary_cpu), ("stream", stream_cpu)] {
+            let call = if rpc == "unary" {
+                "unary Send"
+            } else {
+                "SendStream"
+            };
+            for (side, samples) in [("sending", sending), ("receiving", receiving)] {
+                results.add(Row::new(
+                    &format!("sidecar.{rpc}_cpu_{side}"),
+                    "sidecar",
+                    format!("{call}: CPU time of the {side} daemon per message"),
+                    Unit::Micros,
+                    samples,
+                ));
+            }
+        }
         a.stop().await;
         b.stop().await;
         Ok(())
@@ -1232,6 +1260,23 @@ struct DaemonProc {
 }
 
 impl DaemonProc {
+    /// The CPU time the daemon has used so far, all threads, ns.
+    fn cpu_ns(&self) -> Result<u64> {
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))? {
+            // A thread may end between the listing and the read.
+            let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue;
+            };
+            let ran = stat
+                .split_whitespace()
+                .next()
+                .context("an empty schedstat")?;
+            total += ran.parse::<u64>().context("schedstat")?;
+        }
+        Ok(total)
+    }
+
     async fn start(exe: &Path, dir: &Path, name: &str, relay_url: &str) -> Result<DaemonProc> {
         let socket = dir.join(format!("{name}.sock"));
         let state = dir.join(format!("{name}-state"));
@@ -1764,6 +1809,7 @@ fn short(key: &str) -> &str {
 
 fn figure(value: f64, unit: Unit) -> String {
     match unit {
+        Unit::Micros if value < 10.0 => format!("{value:.2} µs"),
         Unit::Micros => format!("{value:.0} µs"),
         Unit::PerSecond => format!("{} msg/s", thousands(value.round() as u64)),
         Unit::MiB => format!("{value:.1} MiB"),
