@@ -29,7 +29,7 @@ impl<T, U> Default for Codec<T, U> {
 }
 
 /// The first capacity of a call's encode and decode buffers, bytes.
-pub const CODEC_BUFFER_SIZE: usize = 1024;
+pub const CODEC_BUFFER_SIZE: usize = 512;
 
 /// How many bytes of a response stream are encoded before they are handed to
 /// HTTP/2 (tonic's default).
