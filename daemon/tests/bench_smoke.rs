@@ -11,7 +11,7 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Every row the bench reports, in order.
-const ROWS: [&str; 19] = [
+const ROWS: [&str; 23] = [
     "raw.latency_p50",
     "raw.latency_p99",
     "raw.throughput",
@@ -23,6 +23,10 @@ const ROWS: [&str; 19] = [
     "sidecar.grpc_round_trip",
     "sidecar.unary_throughput",
     "sidecar.stream_throughput",
+    "sidecar.unary_cpu_sending",
+    "sidecar.unary_cpu_receiving",
+    "sidecar.stream_cpu_sending",
+    "sidecar.stream_cpu_receiving",
     "fanout.delivered",
     "proxystore.latency_p50",
     "proxystore.latency_p99",
