@@ -2,8 +2,9 @@
 ProxyStore peer, each started here and waited for with bounded polls.
 
 The relay is ``proxystore-relay`` from this interpreter's environment; the
-daemon is ``$RELAY_SIDECAR_BIN`` or ``target/debug/relay-sidecar`` under the
-repository root (``cargo build -p relay-sidecar`` makes it). A missing binary
+daemon is ``$RELAY_SIDECAR_BIN``, else ``debug/relay-sidecar`` under Cargo's
+target directory (``$CARGO_TARGET_DIR``, else ``target`` in the repository;
+``cargo build -p relay-sidecar`` makes it). A missing binary
 fails the tests; nothing here skips.
 """
 
@@ -35,7 +36,8 @@ T = TypeVar("T")
 def daemon_binary() -> Path:
     """The daemon to test; raises with instructions when it is missing."""
     configured = os.environ.get("RELAY_SIDECAR_BIN")
-    path = Path(configured) if configured else REPO_ROOT / "target" / "debug" / "relay-sidecar"
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO_ROOT / "target")
+    path = Path(configured) if configured else target / "debug" / "relay-sidecar"
     if not (path.is_file() and os.access(path, os.X_OK)):
         how = (
             "RELAY_SIDECAR_BIN points at it"
