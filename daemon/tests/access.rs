@@ -16,7 +16,7 @@ use std::time::Duration;
 use nix::unistd::User;
 use relay_sidecar_client::Error;
 use support::Dialect;
-use support::sidecar::{TestDaemon, dev_relay, registered, settings};
+use support::sidecar::{TestDaemon, dev_relay, settings};
 
 /// The second user; `scripts/test` creates it.
 const TEST_USER: &str = "relay-sidecar-test";
@@ -81,8 +81,7 @@ async fn the_allow_list_admits_listed_uids_and_gids_and_refuses_the_rest() {
     s.socket_mode = "0666".into();
     s.allow_uids = vec![0];
     let daemon = TestDaemon::start_with(s).await;
-    let root = daemon.client().await;
-    registered(&root).await;
+    daemon.registered_client().await;
     let refused = relayctl_status_as(uid, gid, &daemon.socket).await;
     assert!(!refused.status.success(), "{}", text(&refused));
     let stderr = String::from_utf8_lossy(&refused.stderr);

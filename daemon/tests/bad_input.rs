@@ -9,7 +9,7 @@ use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::tonic::Code;
 use relay_sidecar_client::{DescriptionType, Error};
 use support::Dialect;
-use support::sidecar::{TestDaemon, dev_relay, registered};
+use support::sidecar::{TestDaemon, dev_relay, settings};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -22,15 +22,34 @@ fn request(peer_uuid: &str, description_type: &str, description: String) -> v1::
     }
 }
 
+/// Streams `requests` with the raw SendStream RPC and reads every progress
+/// report: the last `settled` count and all failures, in order.
+async fn send_stream(
+    client: &relay_sidecar_client::Client,
+    requests: Vec<v1::SendRequest>,
+) -> (u64, Vec<v1::SendFailure>) {
+    let mut progress = client
+        .raw()
+        .send_stream(futures_util::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut settled, mut failures) = (0, Vec::new());
+    while let Some(response) = progress.message().await.unwrap() {
+        assert!(response.settled > settled, "progress only grows");
+        settled = response.settled;
+        failures.extend(response.failures);
+    }
+    (settled, failures)
+}
+
 #[tokio::test]
 async fn bad_sends_are_refused_by_field_and_the_link_survives() {
     let relay = dev_relay().await;
     let a = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let b = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let (client_a, client_b) = (a.client().await, b.client().await);
+    let (client_a, client_b) = (a.registered_client().await, b.registered_client().await);
     let mut inbox_b = client_b.subscribe(None).await.unwrap();
-    registered(&client_a).await;
-    registered(&client_b).await;
     let peer = b.uuid.to_string();
     let mut raw = client_a.raw();
 
@@ -111,10 +130,8 @@ async fn send_stream_reports_each_bad_message_and_delivers_the_rest() {
     let relay = dev_relay().await;
     let a = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let b = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let (client_a, client_b) = (a.client().await, b.client().await);
+    let (client_a, client_b) = (a.registered_client().await, b.registered_client().await);
     let mut inbox_b = client_b.subscribe(None).await.unwrap();
-    registered(&client_a).await;
-    registered(&client_b).await;
     let peer = b.uuid.to_string();
 
     const N: usize = 2000;
@@ -125,18 +142,7 @@ async fn send_stream_reports_each_bad_message_and_delivers_the_rest() {
             _ => request(&peer, "offer", n.to_string()),
         })
         .collect();
-    let mut progress = client_a
-        .raw()
-        .send_stream(futures_util::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut settled, mut failures) = (0, Vec::new());
-    while let Some(response) = progress.message().await.unwrap() {
-        assert!(response.settled > settled, "progress only grows");
-        settled = response.settled;
-        failures.extend(response.failures);
-    }
+    let (settled, failures) = send_stream(&client_a, requests).await;
     assert_eq!(settled, N as u64, "every message has an outcome");
     let failed: Vec<(u64, i32)> = failures.iter().map(|f| (f.index, f.code)).collect();
     assert_eq!(
@@ -200,7 +206,7 @@ async fn send_stream_without_a_relay_gives_every_message_its_own_outcome() {
     let url = relay.url();
     relay.stop().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = support::sidecar::settings(dir.path(), &url, Dialect::Current);
+    let mut settings = settings(dir.path(), &url, Dialect::Current);
     settings.send_timeout = Duration::from_millis(300);
     let daemon = TestDaemon::start_with(settings).await;
     let client = daemon.client().await;
@@ -214,17 +220,7 @@ async fn send_stream_without_a_relay_gives_every_message_its_own_outcome() {
             _ => request(&peer, "offer", n.to_string()),
         })
         .collect();
-    let mut progress = client
-        .raw()
-        .send_stream(futures_util::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut settled, mut failures) = (0, Vec::new());
-    while let Some(response) = progress.message().await.unwrap() {
-        settled = response.settled;
-        failures.extend(response.failures);
-    }
+    let (settled, failures) = send_stream(&client, requests).await;
     assert_eq!(settled, N, "every message has an outcome");
     let indices: Vec<u64> = failures.iter().map(|f| f.index).collect();
     assert_eq!(

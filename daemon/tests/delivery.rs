@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use relay_sidecar_client::{Client, DescriptionType, PeerMessage, Status, Subscription};
-use support::sidecar::{TestDaemon, dev_relay, registered, settings};
+use support::sidecar::{TestDaemon, dev_relay, settings};
 use support::{Dialect, PyPeer, PyRelay};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -80,10 +80,8 @@ async fn each_group_gets_every_message_once_and_members_share() {
         TestDaemon::start(&relay.url(), Dialect::Current).await,
         TestDaemon::start(&relay.url(), Dialect::Current).await,
     );
-    let client = host.client().await;
-    let sender = remote.client().await;
-    registered(&client).await;
-    registered(&sender).await;
+    let client = host.registered_client().await;
+    let sender = remote.registered_client().await;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let layout = [
@@ -142,8 +140,7 @@ async fn replies_and_bounces_go_to_the_worker_that_sent() {
     let dialect = Dialect::Current;
     let relay = PyRelay::start(dialect).await;
     let host = TestDaemon::start(&relay.url(), dialect).await;
-    let client = host.client().await;
-    registered(&client).await;
+    let client = host.registered_client().await;
     let (w1, w2) = (
         client.clone().with_worker("w1"),
         client.clone().with_worker("w2"),
@@ -210,9 +207,10 @@ async fn the_first_subscriber_gets_the_backlog_in_order() {
     let relay = dev_relay().await;
     let host = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let remote = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let (client, sender) = (host.client().await, remote.client().await);
-    registered(&client).await;
-    registered(&sender).await;
+    let (client, sender) = (
+        host.registered_client().await,
+        remote.registered_client().await,
+    );
 
     send_numbered(&sender, host.uuid, 0..500).await;
     status_until(&client, |s| s.counters.received == 500).await;
@@ -234,9 +232,10 @@ async fn a_full_backlog_keeps_the_newest_and_counts_the_rest() {
     config.backlog = 1024;
     let host = TestDaemon::start_with(config).await;
     let remote = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let (client, sender) = (host.client().await, remote.client().await);
-    registered(&client).await;
-    registered(&sender).await;
+    let (client, sender) = (
+        host.registered_client().await,
+        remote.registered_client().await,
+    );
 
     send_numbered(&sender, host.uuid, 0..1500).await;
     let status = status_until(&client, |s| s.counters.received == 1500).await;
@@ -258,9 +257,10 @@ async fn a_stalled_subscriber_costs_only_itself() {
     let relay = dev_relay().await;
     let host = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let remote = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let (client, sender) = (host.client().await, remote.client().await);
-    registered(&client).await;
-    registered(&sender).await;
+    let (client, sender) = (
+        host.registered_client().await,
+        remote.registered_client().await,
+    );
 
     // Subscribed, never read.
     let _stalled = client

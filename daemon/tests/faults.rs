@@ -103,9 +103,10 @@ async fn one_workers_bad_input_never_costs_another_its_stream() {
     let relay = dev_relay().await;
     let host = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let remote = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let (client, receiver) = (host.client().await, remote.client().await);
-    registered(&client).await;
-    registered(&receiver).await;
+    let (client, receiver) = (
+        host.registered_client().await,
+        remote.registered_client().await,
+    );
     let mut inbox = receiver.subscribe(None).await.unwrap();
 
     const N: usize = 1000;

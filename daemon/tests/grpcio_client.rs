@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::sidecar::{TestDaemon, registered};
+use support::sidecar::TestDaemon;
 use support::{Dialect, PyPeer, PyRelay, python, repo_root};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -19,7 +19,7 @@ async fn grpcio_client_gets_status_sends_and_subscribes() {
     let dialect = Dialect::Current;
     let relay = PyRelay::start(dialect).await;
     let daemon = TestDaemon::start(&relay.url(), dialect).await;
-    registered(&daemon.client().await).await;
+    daemon.registered_client().await;
     let mut peer = PyPeer::start(dialect, &relay.url(), None, "grpcio-peer").await;
 
     let root = repo_root();

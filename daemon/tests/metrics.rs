@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use relay_sidecar_client::{DescriptionType, SendOptions};
-use support::sidecar::{TestDaemon, dev_relay, registered, settings};
+use support::sidecar::{TestDaemon, dev_relay, settings};
 use support::{Dialect, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -50,8 +50,7 @@ async fn a_scrape_shows_state_counters_subscribers_and_send_latency() {
     let mut s = settings(dir.path(), &relay.url(), Dialect::Current);
     s.metrics_listen = Some(format!("127.0.0.1:{port}"));
     let daemon = TestDaemon::start_with(s).await;
-    let client = daemon.client().await;
-    registered(&client).await;
+    let client = daemon.registered_client().await;
     let mut subscription = client.subscribe(None).await.unwrap();
     // To nobody: the relay returns it, and the subscriber sees the bounce.
     client

@@ -36,8 +36,7 @@ async fn relay_killed_five_times_under_load_loses_nothing_untold() {
     let dialect = Dialect::Current;
     let mut relay = PyRelay::start(dialect).await;
     let daemon = TestDaemon::start(&relay.url(), dialect).await;
-    let client = daemon.client().await;
-    registered(&client).await;
+    let client = daemon.registered_client().await;
     let mut inbox = client.subscribe(None).await.unwrap();
     let mut peer = PyPeer::start(dialect, &relay.url(), None, "far-peer").await;
     let peer_uuid = peer.uuid();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::Dialect;
-use support::sidecar::{TestDaemon, dev_relay, registered};
+use support::sidecar::{TestDaemon, dev_relay};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -34,8 +34,7 @@ async fn run(command: &mut tokio::process::Command) -> std::process::Output {
 async fn status_send_and_listen() {
     let relay = dev_relay().await;
     let daemon = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    let client = daemon.client().await;
-    registered(&client).await;
+    let client = daemon.registered_client().await;
 
     let status = run(relayctl(&daemon.socket).arg("status")).await;
     assert!(status.status.success());

@@ -12,7 +12,7 @@ use std::time::Duration;
 use relay_sidecar::devrelay::DevRelay;
 use relay_sidecar_proto::SERVICE_NAME;
 use serde_json::Value;
-use support::sidecar::{TestDaemon, channel, registered, require_tool};
+use support::sidecar::{TestDaemon, channel, require_tool};
 use support::{Dialect, free_port, python};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -118,7 +118,7 @@ async fn buf_curl_calls_get_status_and_health_through_reflection() {
     let buf = require_tool("buf", "npm install -g @bufbuild/buf");
     let relay = dev_relay_on(0).await;
     let daemon = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    registered(&daemon.client().await).await;
+    daemon.registered_client().await;
 
     let status = buf_curl(
         &buf,
@@ -165,7 +165,7 @@ for target, options in channels.items():
 async fn a_default_python_grpc_channel_is_served() {
     let relay = dev_relay_on(0).await;
     let daemon = TestDaemon::start(&relay.url(), Dialect::Current).await;
-    registered(&daemon.client().await).await;
+    daemon.registered_client().await;
     let output = tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(python(Dialect::Current))

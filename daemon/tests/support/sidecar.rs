@@ -85,6 +85,13 @@ impl TestDaemon {
             .expect("client connects to the test daemon")
     }
 
+    /// A client, once the daemon has registered with the relay.
+    pub async fn registered_client(&self) -> Client {
+        let client = self.client().await;
+        registered(&client).await;
+        client
+    }
+
     /// Stops the daemon and waits until it has.
     pub async fn stop(self) {
         self.shutdown.cancel();
