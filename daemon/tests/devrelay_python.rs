@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use relay_sidecar::devrelay::DevRelay;
-use support::{Dialect, PyPeer};
+use support::{Dialect, PyPeer, PythonEnv};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -15,7 +15,7 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn python_clients_use_the_dev_relay(dialect: Dialect) {
     let relay = DevRelay::start(
         "127.0.0.1:0".parse().unwrap(),
-        dialect.into(),
+        dialect,
         CancellationToken::new(),
     )
     .await

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use relay_sidecar::codec::{self, Dialect as WireDialect, Frame, RelayResponse};
+use relay_sidecar::codec::{self, Frame, RelayResponse};
 use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::{Client, DescriptionType};
 use support::Dialect;
@@ -176,7 +176,7 @@ async fn recording_relay() -> (String, tokio::task::JoinHandle<(usize, Option<u1
         let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
         let first = ws.next().await.unwrap().unwrap();
         let Ok(Frame::Registration(client)) =
-            codec::decode(first.to_text().unwrap(), WireDialect::Current)
+            codec::decode(first.to_text().unwrap(), Dialect::Current)
         else {
             panic!("the first frame is a registration: {first:?}");
         };
@@ -185,13 +185,13 @@ async fn recording_relay() -> (String, tokio::task::JoinHandle<(usize, Option<u1
             message: None,
             error: false,
         });
-        ws.send(Message::text(codec::encode(&ok, WireDialect::Current)))
+        ws.send(Message::text(codec::encode(&ok, Dialect::Current)))
             .await
             .unwrap();
         let mut frames = 0;
         while let Some(Ok(message)) = ws.next().await {
             match message {
-                Message::Text(text) => match codec::decode(&text, WireDialect::Current) {
+                Message::Text(text) => match codec::decode(&text, Dialect::Current) {
                     Ok(Frame::Peer(peer)) if peer.peer_uuid == client.uuid => {
                         ws.send(Message::Text(text)).await.unwrap();
                     }

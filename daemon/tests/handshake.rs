@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use relay_sidecar::codec::{self, Dialect as WireDialect, Frame, RelayResponse};
+use relay_sidecar::codec::{self, Frame, RelayResponse};
 use relay_sidecar_client::ConnectionState;
 use support::Dialect;
 use support::sidecar::{TestDaemon, settings, wait_for_state};
@@ -82,7 +82,7 @@ where
                 continue;
             };
             let Ok(Frame::Registration(client)) =
-                codec::decode(first.to_text().unwrap(), WireDialect::Current)
+                codec::decode(first.to_text().unwrap(), Dialect::Current)
             else {
                 panic!("the first frame is a registration: {first:?}");
             };
@@ -93,7 +93,7 @@ where
                         message: message.map(str::to_owned),
                         error: !success,
                     }),
-                    WireDialect::Current,
+                    Dialect::Current,
                 ))
             };
             let close = |code: u16, reason: &str| {
@@ -140,7 +140,7 @@ where
                         description: "still here".into(),
                         error: None,
                     });
-                    ws.send(Message::text(codec::encode(&peer, WireDialect::Current)))
+                    ws.send(Message::text(codec::encode(&peer, Dialect::Current)))
                         .await
                         .unwrap();
                     while let Some(Ok(_)) = ws.next().await {}

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Dialect, PeerEvent, PyPeer, PyRelay};
+use support::{Dialect, PeerEvent, PyPeer, PyRelay, PythonEnv};
 use uuid::Uuid;
 
 const STEP: Duration = Duration::from_secs(15);

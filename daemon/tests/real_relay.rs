@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use relay_sidecar_client::{ConnectionState, DescriptionType, Error};
 use support::sidecar::{TestDaemon, registered, wait_for_state};
-use support::{Dialect, PyPeer, PyRelay};
+use support::{Dialect, PyPeer, PyRelay, PythonEnv};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -19,7 +19,7 @@ async fn forwards_both_ways_and_reports_bounces(dialect: Dialect) {
     let mut inbox = client.subscribe(None).await.unwrap();
     let status = registered(&client).await;
     assert_eq!(status.uuid, daemon.uuid);
-    assert_eq!(status.dialect, dialect.name());
+    assert_eq!(status.dialect, dialect.as_str());
 
     let mut peer = PyPeer::start(dialect, &relay.url(), None, "python-peer").await;
 

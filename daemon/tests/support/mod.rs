@@ -24,7 +24,6 @@
 
 pub mod sidecar;
 
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -45,39 +44,33 @@ const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// Lines of a child's log shown when something goes wrong.
 const LOG_TAIL_LINES: usize = 40;
 
-/// Which ProxyStore relay protocol (and so which Python environment).
-///
-/// Local to the test support; the daemon has its own type and tests convert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dialect {
-    /// proxystore >= 0.6 (`.venv`, `RELAY_SIDECAR_PYTHON`).
-    Current,
-    /// proxystore 0.5.2 (`.venv-legacy`, `RELAY_SIDECAR_LEGACY_PYTHON`).
-    Legacy,
+pub use relay_sidecar::codec::Dialect;
+
+/// What a relay dialect means for the test support: which Python
+/// environment (and so which ProxyStore) speaks it.
+pub trait PythonEnv: Copy {
+    /// The environment variable naming this dialect's Python interpreter.
+    fn python_env_var(self) -> &'static str;
+    /// The project-local venv `scripts/test` builds for this dialect.
+    fn venv_dir(self) -> &'static str;
+    /// The requirements file of that venv.
+    fn requirements(self) -> &'static str;
+    /// A fragment of the `error` text the relay puts on a message bounced
+    /// because its target is not registered.
+    fn unknown_peer_error_fragment(self) -> &'static str;
 }
 
-impl Dialect {
-    /// Both dialects, for tests that run against each.
-    pub const ALL: [Dialect; 2] = [Dialect::Current, Dialect::Legacy];
-
-    /// `"current"` or `"legacy"`.
-    pub fn name(self) -> &'static str {
+impl PythonEnv for Dialect {
+    fn python_env_var(self) -> &'static str {
         match self {
-            Dialect::Current => "current",
-            Dialect::Legacy => "legacy",
-        }
-    }
-
-    /// The environment variable naming this dialect's Python interpreter.
-    pub fn python_env_var(self) -> &'static str {
-        match self {
+            // proxystore >= 0.6
             Dialect::Current => "RELAY_SIDECAR_PYTHON",
+            // proxystore 0.5.2
             Dialect::Legacy => "RELAY_SIDECAR_LEGACY_PYTHON",
         }
     }
 
-    /// The project-local venv `scripts/test` builds for this dialect.
-    pub fn venv_dir(self) -> &'static str {
+    fn venv_dir(self) -> &'static str {
         match self {
             Dialect::Current => ".venv",
             Dialect::Legacy => ".venv-legacy",
@@ -91,21 +84,13 @@ impl Dialect {
         }
     }
 
-    /// A fragment of the `error` text the relay puts on a message bounced
-    /// because its target is not registered.
-    pub fn unknown_peer_error_fragment(self) -> &'static str {
+    fn unknown_peer_error_fragment(self) -> &'static str {
         match self {
             // "... because this peer is not registered this relay server."
             Dialect::Current => "not registered",
             // "... because this peer is unknown."
             Dialect::Legacy => "unknown",
         }
-    }
-}
-
-impl fmt::Display for Dialect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 

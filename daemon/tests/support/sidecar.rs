@@ -6,7 +6,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use relay_sidecar::Daemon;
-use relay_sidecar::codec::Dialect as WireDialect;
 use relay_sidecar::config::Settings;
 use relay_sidecar_client::{Client, ConnectionState, Status, StatusStream};
 use tokio::task::JoinHandle;
@@ -17,20 +16,11 @@ use super::Dialect;
 /// Bound on waiting for a state in tests (a failure guard, not a delay).
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl From<Dialect> for WireDialect {
-    fn from(d: Dialect) -> Self {
-        match d {
-            Dialect::Current => WireDialect::Current,
-            Dialect::Legacy => WireDialect::Legacy,
-        }
-    }
-}
-
 /// Settings for a test daemon: a temp-dir socket and state, fast retries.
 pub fn settings(dir: &Path, relay_url: &str, dialect: Dialect) -> Settings {
     Settings {
         relay_url: Some(relay_url.to_owned()),
-        dialect: dialect.into(),
+        dialect,
         name: Some("sidecar-under-test".into()),
         socket: Some(dir.join("relay.sock")),
         state_dir: Some(dir.join("state")),
@@ -181,7 +171,7 @@ pub fn require_tool(name: &str, install: &str) -> PathBuf {
 pub async fn dev_relay() -> relay_sidecar::devrelay::DevRelay {
     relay_sidecar::devrelay::DevRelay::start(
         "127.0.0.1:0".parse().unwrap(),
-        WireDialect::Current,
+        Dialect::Current,
         CancellationToken::new(),
     )
     .await
