@@ -47,12 +47,11 @@ async fn next_status(updates: &mut tonic::Streaming<HealthCheckResponse>) -> Ser
     ServingStatus::try_from(update.status).unwrap()
 }
 
-#[tokio::test]
-async fn health_is_serving_only_while_registered() {
-    // The daemon starts before its relay exists: NOT_SERVING.
-    let port = free_port();
-    let daemon = TestDaemon::start(&format!("ws://127.0.0.1:{port}"), Dialect::Current).await;
-    let mut health = HealthClient::new(channel(&daemon.socket).await);
+/// Checks the server as a whole ("") and the relay service: both `expected`.
+async fn assert_both_checks(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    expected: ServingStatus,
+) {
     for service in ["", SERVICE_NAME] {
         let status = health
             .check(ask(service))
@@ -60,8 +59,17 @@ async fn health_is_serving_only_while_registered() {
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(status, ServingStatus::NotServing as i32, "{service:?}");
+        assert_eq!(status, expected as i32, "{service:?}");
     }
+}
+
+#[tokio::test]
+async fn health_is_serving_only_while_registered() {
+    // The daemon starts before its relay exists: NOT_SERVING.
+    let port = free_port();
+    let daemon = TestDaemon::start(&format!("ws://127.0.0.1:{port}"), Dialect::Current).await;
+    let mut health = HealthClient::new(channel(&daemon.socket).await);
+    assert_both_checks(&mut health, ServingStatus::NotServing).await;
     let unknown = health.check(ask("no.Such")).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     let mut updates = health.watch(ask("")).await.unwrap().into_inner();
@@ -69,15 +77,7 @@ async fn health_is_serving_only_while_registered() {
 
     let relay = dev_relay_on(port).await;
     assert_eq!(next_status(&mut updates).await, ServingStatus::Serving);
-    for service in ["", SERVICE_NAME] {
-        let status = health
-            .check(ask(service))
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
-    }
+    assert_both_checks(&mut health, ServingStatus::Serving).await;
 
     // The relay goes away: NOT_SERVING again.
     tokio::time::timeout(WAIT, relay.stop()).await.unwrap();
