@@ -7,12 +7,12 @@ mod support;
 use std::time::Duration;
 
 use relay_sidecar_client::ConnectionState;
-use support::sidecar::{daemon_command, dev_relay, spawn_daemon, wait_for_state};
+use support::sidecar::{daemon_args, daemon_command, dev_relay, spawn_daemon, wait_for_state};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Runs the daemon with `args` and expects it to refuse to start.
-async fn refused(args: &[&str]) -> String {
+async fn refused<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let output = tokio::time::timeout(WAIT, daemon_command().args(args).output())
         .await
         .expect("the daemon exits in time")
@@ -81,16 +81,7 @@ async fn corrupt_identity_file_stops_start_up_naming_the_file() {
 async fn second_daemon_on_a_live_socket_is_refused_and_sigterm_stops_the_first() {
     let relay = dev_relay().await;
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("relay.sock");
-    let state = dir.path().join("state");
-    let args = [
-        "--relay-url",
-        &relay.url(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ];
+    let (args, socket) = daemon_args(dir.path(), &relay.url());
     let mut first = spawn_daemon(&args).await;
     let client = relay_sidecar_client::connect(&socket).await.unwrap();
     let mut statuses = client.watch_status().await.unwrap();

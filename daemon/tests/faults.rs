@@ -10,7 +10,7 @@ use relay_sidecar::codec::{self, Frame, RelayResponse};
 use relay_sidecar_client::proto::v1;
 use relay_sidecar_client::{Client, DescriptionType};
 use support::Dialect;
-use support::sidecar::{TestDaemon, dev_relay, registered, spawn_daemon};
+use support::sidecar::{TestDaemon, daemon_args, dev_relay, registered, spawn_daemon};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -30,17 +30,8 @@ const CHURN_RSS_GROWTH_KIB: u64 = 8 * 1024;
 async fn subscriber_churn_leaves_nothing_behind() {
     let relay = dev_relay().await;
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("relay.sock");
-    let state = dir.path().join("state");
-    let mut daemon = spawn_daemon(&[
-        "--relay-url",
-        &relay.url(),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ])
-    .await;
+    let (args, socket) = daemon_args(dir.path(), &relay.url());
+    let mut daemon = spawn_daemon(&args).await;
     let pid = daemon.id().unwrap();
     let observer = relay_sidecar_client::connect(&socket).await.unwrap();
     registered(&observer).await;
@@ -210,17 +201,8 @@ async fn recording_relay() -> (String, tokio::task::JoinHandle<(usize, Option<u1
 async fn sigterm_under_load_closes_with_1000_ends_streams_and_exits() {
     let (url, relay) = recording_relay().await;
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("relay.sock");
-    let state = dir.path().join("state");
-    let mut daemon = spawn_daemon(&[
-        "--relay-url",
-        &url,
-        "--socket",
-        socket.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ])
-    .await;
+    let (args, socket) = daemon_args(dir.path(), &url);
+    let mut daemon = spawn_daemon(&args).await;
     let client = relay_sidecar_client::connect(&socket).await.unwrap();
     registered(&client).await;
 

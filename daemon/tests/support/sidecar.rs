@@ -178,9 +178,24 @@ pub async fn dev_relay() -> relay_sidecar::devrelay::DevRelay {
     .expect("dev relay starts")
 }
 
+/// Arguments for the daemon binary on `relay_url`, with its socket and state
+/// directory in `dir`; and the socket's path.
+pub fn daemon_args(dir: &Path, relay_url: &str) -> (Vec<String>, PathBuf) {
+    let socket = dir.join("relay.sock");
+    let args = vec![
+        "--relay-url".to_owned(),
+        relay_url.to_owned(),
+        "--socket".to_owned(),
+        socket.display().to_string(),
+        "--state-dir".to_owned(),
+        dir.join("state").display().to_string(),
+    ];
+    (args, socket)
+}
+
 /// Starts the daemon binary with `args` (plus JSON logs) and waits for its
 /// "serving" log line, which comes once its socket is bound.
-pub async fn spawn_daemon(args: &[&str]) -> tokio::process::Child {
+pub async fn spawn_daemon<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> tokio::process::Child {
     use tokio::io::AsyncBufReadExt;
 
     let mut child = daemon_command()
