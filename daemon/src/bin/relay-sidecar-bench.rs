@@ -452,13 +452,8 @@ impl Bench {
             .reference("raw.throughput")
             .target(Target::AtLeast(500_000.0)),
         );
-        let [unary_cpu, stream_cpu] = cpu;
-        for (rpc, [sending, receiving]) in [("unary", unary_cpu), ("stream", stream_cpu)] {
-            let call = if rpc == "unary" {
-                "unary Send"
-            } else {
-                "SendStream"
-            };
+        let calls = [("unary", "unary Send"), ("stream", "SendStream")];
+        for ((rpc, call), [sending, receiving]) in calls.into_iter().zip(cpu) {
             for (side, samples) in [("sending", sending), ("receiving", receiving)] {
                 results.add(Row::new(
                     &format!("sidecar.{rpc}_cpu_{side}"),
