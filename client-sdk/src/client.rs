@@ -87,6 +87,42 @@ impl SendOptions {
     }
 }
 
+/// Per-call options for [`Client::subscribe_with`].
+///
+/// ```
+/// let options = relay_sidecar_client::SubscribeOptions::new()
+///     .group("proxystore-endpoint")
+///     .exclusive();
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    group: Option<String>,
+    exclusive: bool,
+}
+
+impl SubscribeOptions {
+    /// No group (a group of its own, which sees every message).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The delivery group: every group receives each message once, shared
+    /// among its subscriptions.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Holds the group alone while the subscription is open: refused with
+    /// [`Error::AlreadyExists`] while the group has another subscription, and
+    /// every later subscription to the group is refused the same way until
+    /// this one is dropped. Needs a [`group`](Self::group).
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
+    }
+}
+
 impl Client {
     /// A client over an already connected channel to the daemon (for custom
     /// transports; most callers use [`connect`](crate::connect)).
@@ -200,9 +236,18 @@ impl Client {
     /// message. The stream outlives relay reconnects and ends only when it is
     /// dropped or the daemon stops.
     pub async fn subscribe(&self, group: Option<&str>) -> Result<Subscription, Error> {
+        let mut options = SubscribeOptions::new();
+        options.group = group.map(str::to_owned);
+        self.subscribe_with(options).await
+    }
+
+    /// [`Client::subscribe`] with more options, such as holding a group
+    /// exclusively.
+    pub async fn subscribe_with(&self, options: SubscribeOptions) -> Result<Subscription, Error> {
         let request = v1::SubscribeRequest {
-            group: group.unwrap_or_default().to_owned(),
+            group: options.group.unwrap_or_default(),
             worker: self.worker.clone().unwrap_or_default(),
+            exclusive: options.exclusive,
         };
         let inner = self.inner.clone().subscribe(request).await?.into_inner();
         Ok(Subscription { inner })

@@ -43,6 +43,10 @@ pub enum Error {
     /// The daemon refused this caller (`PERMISSION_DENIED`).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// What was asked for is held by someone else: an exclusive group that
+    /// has (or is held by) another subscription (`ALREADY_EXISTS`).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// The daemon sent something this SDK cannot understand (a malformed
     /// uuid, an unknown enum value, a missing field).
     #[error("protocol error: {0}")]
@@ -61,6 +65,7 @@ impl From<tonic::Status> for Error {
             Code::Unknown => Error::Unconfirmed(message()),
             Code::FailedPrecondition => Error::FailedPrecondition(message()),
             Code::PermissionDenied => Error::PermissionDenied(message()),
+            Code::AlreadyExists => Error::AlreadyExists(message()),
             _ => Error::Status(status),
         }
     }
@@ -113,6 +118,10 @@ mod tests {
             (
                 tonic::Status::permission_denied("uid 7"),
                 "permission denied: uid 7",
+            ),
+            (
+                tonic::Status::already_exists("group: held"),
+                "already exists: group: held",
             ),
         ];
         for (status, text) in cases {

@@ -39,7 +39,8 @@ use tokio::net::UnixStream;
 use tonic::transport::Endpoint;
 
 pub use client::{
-    Client, Outgoing, SendFailure, SendOptions, StatusStream, StreamReport, Subscription,
+    Client, Outgoing, SendFailure, SendOptions, StatusStream, StreamReport, SubscribeOptions,
+    Subscription,
 };
 pub use error::Error;
 pub use relay_sidecar_proto as proto;

@@ -106,6 +106,28 @@ struct Group {
     members: Vec<Member>,
     /// The member whose turn is next (modulo the member count).
     turn: usize,
+    /// Held by its one member, which asked for it alone.
+    exclusive: bool,
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Interest {
+    /// Its delivery group; `None` is a group of its own.
+    pub group: Option<String>,
+    /// The group is this subscriber's alone while it is subscribed.
+    pub exclusive: bool,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("exclusive: a group is required to hold one exclusively")]
+    ExclusiveWithoutGroup,
+    #[error("group: {group:?} already has a subscriber, so it cannot be held exclusively")]
+    GroupInUse { group: String },
+    #[error("group: {group:?} is held exclusively by another subscriber until its stream ends")]
+    GroupHeld { group: String },
 }
 
 #[derive(Debug)]
@@ -201,8 +223,30 @@ impl Router {
     }
 
     /// Adds a subscriber. The first subscriber also receives the backlog.
-    pub fn subscribe(self: &Arc<Self>, group: Option<String>, worker: Worker) -> Subscription {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        interest: Interest,
+        worker: Worker,
+    ) -> Result<Subscription, SubscribeError> {
+        let Interest { group, exclusive } = interest;
         let mut inner = self.lock();
+        match (&group, exclusive) {
+            (None, true) => return Err(SubscribeError::ExclusiveWithoutGroup),
+            (None, false) => {}
+            (Some(name), _) => match inner.groups.iter().find(|g| &g.name == name) {
+                Some(g) if g.exclusive => {
+                    return Err(SubscribeError::GroupHeld {
+                        group: name.clone(),
+                    });
+                }
+                Some(_) if exclusive => {
+                    return Err(SubscribeError::GroupInUse {
+                        group: name.clone(),
+                    });
+                }
+                _ => {}
+            },
+        }
         let backlog = std::mem::take(&mut inner.backlog);
         let (tx, rx) = mpsc::channel(self.limits.subscriber_queue + backlog.len());
         for message in backlog {
@@ -215,6 +259,7 @@ impl Router {
             subscriber = id,
             worker = worker.as_str(),
             group = group.as_deref(),
+            exclusive,
             "subscribed"
         );
         let member = Member { id, worker, tx };
@@ -226,14 +271,15 @@ impl Router {
                     name,
                     members: vec![member],
                     turn: 0,
+                    exclusive,
                 }),
             },
         }
-        Subscription {
+        Ok(Subscription {
             id,
             rx,
             router: Arc::clone(self),
-        }
+        })
     }
 
     fn unsubscribe(&self, id: u64) {
@@ -370,6 +416,14 @@ mod tests {
         (Router::new(limits, Arc::clone(&counters)), counters)
     }
 
+    fn join(router: &Arc<Router>, group: Option<String>, worker: Worker) -> Subscription {
+        let interest = Interest {
+            group,
+            ..Interest::default()
+        };
+        router.subscribe(interest, worker).unwrap()
+    }
+
     fn drain(sub: &mut Subscription) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(m) = sub.rx.try_recv() {
@@ -384,7 +438,7 @@ mod tests {
         for n in 0..5 {
             router.dispatch(message(n));
         }
-        let mut sub = router.subscribe(None, Worker::label("w"));
+        let mut sub = join(&router, None, Worker::label("w"));
         assert_eq!(drain(&mut sub), ["2", "3", "4"]);
         assert_eq!(counters.snapshot().dropped_no_subscriber, 2);
     }
@@ -392,9 +446,9 @@ mod tests {
     #[test]
     fn groups_share_and_ungrouped_see_everything() {
         let (router, counters) = router(100, 10);
-        let mut a1 = router.subscribe(Some("a".into()), Worker::process(1));
-        let mut a2 = router.subscribe(Some("a".into()), Worker::process(1));
-        let mut solo = router.subscribe(None, Worker::label("w"));
+        let mut a1 = join(&router, Some("a".into()), Worker::process(1));
+        let mut a2 = join(&router, Some("a".into()), Worker::process(1));
+        let mut solo = join(&router, None, Worker::label("w"));
         for n in 0..10 {
             router.dispatch(message(n));
         }
@@ -408,8 +462,8 @@ mod tests {
     #[test]
     fn full_member_passes_its_turn_and_full_group_counts_a_drop() {
         let (router, counters) = router(1, 10);
-        let mut a1 = router.subscribe(Some("a".into()), Worker::process(1));
-        let mut a2 = router.subscribe(Some("a".into()), Worker::process(1));
+        let mut a1 = join(&router, Some("a".into()), Worker::process(1));
+        let mut a2 = join(&router, Some("a".into()), Worker::process(1));
         for n in 0..3 {
             router.dispatch(message(n));
         }
@@ -421,7 +475,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_a_subscription_unsubscribes_at_once() {
         let (router, _) = router(4, 4);
-        let mut sub = router.subscribe(None, Worker::label("w"));
+        let mut sub = join(&router, None, Worker::label("w"));
         router.dispatch(message(0));
         assert_eq!(sub.next().await.unwrap().peer.description, "0");
         assert_eq!(router.subscribers(), 1);
@@ -429,7 +483,7 @@ mod tests {
         assert_eq!(router.subscribers(), 0);
         // With nobody left, messages wait in the backlog again.
         router.dispatch(message(1));
-        let mut next = router.subscribe(None, Worker::label("w"));
+        let mut next = join(&router, None, Worker::label("w"));
         assert_eq!(drain(&mut next), ["1"]);
     }
 
@@ -438,9 +492,9 @@ mod tests {
         let (router, _) = router(100, 10);
         let (p1, p2) = (Uuid::new_v4(), Uuid::new_v4());
         let (w1, w2) = (Worker::label("w1"), Worker::label("w2"));
-        let mut s1 = router.subscribe(Some("g".into()), w1.clone());
-        let mut s2 = router.subscribe(Some("g".into()), w2.clone());
-        let mut other_group = router.subscribe(Some("h".into()), Worker::label("x"));
+        let mut s1 = join(&router, Some("g".into()), w1.clone());
+        let mut s2 = join(&router, Some("g".into()), w2.clone());
+        let mut other_group = join(&router, Some("h".into()), Worker::label("x"));
         router.note_send(&w1, p1);
         router.note_send(&w2, p2);
         for n in 0..4 {
@@ -467,8 +521,8 @@ mod tests {
     async fn affinity_expires() {
         let (router, _) = router(100, 10);
         let peer = Uuid::new_v4();
-        let mut s1 = router.subscribe(Some("g".into()), Worker::label("w1"));
-        let mut s2 = router.subscribe(Some("g".into()), Worker::label("w2"));
+        let mut s1 = join(&router, Some("g".into()), Worker::label("w1"));
+        let mut s2 = join(&router, Some("g".into()), Worker::label("w2"));
         router.note_send(&Worker::label("w2"), peer);
         router.dispatch(from(peer, 0));
         assert_eq!(drain(&mut s2), ["0"]);
@@ -484,9 +538,69 @@ mod tests {
     fn a_group_is_forgotten_when_its_last_member_leaves() {
         let (router, _) = router(4, 4);
         for n in 0..100 {
-            drop(router.subscribe(Some(format!("group-{n}")), Worker::process(n)));
+            drop(join(
+                &router,
+                Some(format!("group-{n}")),
+                Worker::process(n),
+            ));
         }
         let inner = router.lock();
         assert!(inner.groups.is_empty() && inner.solo.is_empty());
+    }
+
+    #[test]
+    fn an_exclusive_group_admits_one_subscriber_until_it_leaves() {
+        let (router, _) = router(4, 4);
+        let exclusive = |group: &str| Interest {
+            group: Some(group.into()),
+            exclusive: true,
+        };
+        assert_eq!(
+            router
+                .subscribe(
+                    Interest {
+                        group: None,
+                        exclusive: true
+                    },
+                    Worker::label("e")
+                )
+                .unwrap_err(),
+            SubscribeError::ExclusiveWithoutGroup
+        );
+        let held = router
+            .subscribe(exclusive("endpoint"), Worker::label("e1"))
+            .unwrap();
+        for interest in [
+            exclusive("endpoint"),
+            Interest {
+                group: Some("endpoint".into()),
+                exclusive: false,
+            },
+        ] {
+            assert_eq!(
+                router.subscribe(interest, Worker::label("e2")).unwrap_err(),
+                SubscribeError::GroupHeld {
+                    group: "endpoint".into()
+                }
+            );
+        }
+        // Other groups are not affected.
+        let _other = router
+            .subscribe(exclusive("other"), Worker::label("o"))
+            .unwrap();
+        drop(held);
+        let shared = join(&router, Some("endpoint".into()), Worker::label("s"));
+        assert_eq!(
+            router
+                .subscribe(exclusive("endpoint"), Worker::label("e3"))
+                .unwrap_err(),
+            SubscribeError::GroupInUse {
+                group: "endpoint".into()
+            }
+        );
+        drop(shared);
+        let _again = router
+            .subscribe(exclusive("endpoint"), Worker::label("e4"))
+            .unwrap();
     }
 }

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
 use crate::relay::{Handle, SendError, Ticket};
-use crate::router::{PeerMessage, Router, Worker};
+use crate::router::{Interest, PeerMessage, Router, SubscribeError, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
 /// The most messages of one SendStream taken together: what has arrived is
@@ -237,6 +237,17 @@ impl Chunk {
     }
 }
 
+impl From<SubscribeError> for Status {
+    fn from(e: SubscribeError) -> Self {
+        match e {
+            SubscribeError::ExclusiveWithoutGroup => Status::invalid_argument(e.to_string()),
+            SubscribeError::GroupInUse { .. } | SubscribeError::GroupHeld { .. } => {
+                Status::already_exists(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<SendError> for Status {
     fn from(e: SendError) -> Self {
         match e {
@@ -384,8 +395,12 @@ impl RelaySidecar for Service {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let worker = caller(&request, &request.get_ref().worker);
-        let group = Some(request.into_inner().group).filter(|g| !g.is_empty());
-        let subscription = self.inner.router.subscribe(group, worker);
+        let request = request.into_inner();
+        let interest = Interest {
+            group: Some(request.group).filter(|g| !g.is_empty()),
+            exclusive: request.exclusive,
+        };
+        let subscription = self.inner.router.subscribe(interest, worker)?;
         self.inner.relay.wake();
         let stream = subscription
             .map(|message| Ok(message_to_proto(message)))

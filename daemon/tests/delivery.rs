@@ -310,3 +310,52 @@ async fn a_stalled_subscriber_costs_only_itself() {
     host.stop().await;
     remote.stop().await;
 }
+
+#[tokio::test]
+async fn an_exclusive_group_is_held_until_its_stream_ends() {
+    use relay_sidecar_client::{Error, SubscribeOptions};
+
+    let relay = dev_relay().await;
+    let host = TestDaemon::start(&relay.url(), Dialect::Current).await;
+    let endpoint = || SubscribeOptions::new().group("endpoint");
+
+    // The holder is on a connection of its own, as another process would be.
+    let holder = host.registered_client().await;
+    let held = holder.subscribe_with(endpoint().exclusive()).await.unwrap();
+    let other = host.client().await;
+    for options in [endpoint().exclusive(), endpoint()] {
+        match other.subscribe_with(options).await {
+            Err(Error::AlreadyExists(message)) => {
+                assert!(message.contains("\"endpoint\""), "{message}")
+            }
+            other => panic!("expected ALREADY_EXISTS, got {other:?}"),
+        }
+    }
+    match other
+        .subscribe_with(SubscribeOptions::new().exclusive())
+        .await
+    {
+        Err(Error::InvalidArgument(message)) => {
+            assert!(message.starts_with("exclusive"), "{message}")
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    // Other groups are not affected.
+    other.subscribe(Some("workers")).await.unwrap();
+
+    // The holder's connection goes away (its process died): free again.
+    drop(held);
+    drop(holder);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match other.subscribe_with(endpoint().exclusive()).await {
+                Ok(subscription) => return subscription,
+                Err(Error::AlreadyExists(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the group is free once the holder's stream has ended");
+    host.stop().await;
+}

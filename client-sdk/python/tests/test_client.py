@@ -4,6 +4,7 @@ with ProxyStore's own RelayClient as the remote peer."""
 from __future__ import annotations
 
 import errno
+import time
 import uuid
 
 import grpc
@@ -162,3 +163,24 @@ def test_default_socket_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(relay_sidecar.SOCKET_ENV, "/nonexistent/relay.sock")
     with pytest.raises(relay_sidecar.ConnectError, match="/nonexistent/relay.sock"):
         relay_sidecar.Client()
+
+
+def test_an_exclusive_group_is_held_until_its_subscription_ends(daemon: Daemon) -> None:
+    with relay_sidecar.Client(daemon.socket) as holder, relay_sidecar.Client(
+        daemon.socket
+    ) as other:
+        held = holder.subscribe("endpoint", exclusive=True)
+        for exclusive in (True, False):
+            with pytest.raises(relay_sidecar.AlreadyExistsError, match='"endpoint"'):
+                other.subscribe("endpoint", exclusive=exclusive)
+        with pytest.raises(relay_sidecar.InvalidArgumentError, match="^invalid argument: exclusive"):
+            other.subscribe(None, exclusive=True)
+        held.cancel()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                other.subscribe("endpoint", exclusive=True).cancel()
+                break
+            except relay_sidecar.AlreadyExistsError:
+                assert time.monotonic() < deadline, "the group was not freed"
+                time.sleep(0.02)

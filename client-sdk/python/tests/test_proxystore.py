@@ -222,3 +222,23 @@ def test_close_ends_a_pending_recv_and_a_later_call_connects_again(daemon: Daemo
         await client.close()
 
     asyncio.run(main())
+
+
+def test_an_exclusive_client_refuses_a_second_one_on_the_host(daemon: Daemon) -> None:
+    async def main() -> None:
+        first = SidecarRelayClient(daemon.socket, group="endpoint", exclusive=True)
+        async with first:
+            with pytest.raises(relay_sidecar.AlreadyExistsError, match='"endpoint"'):
+                await SidecarRelayClient(daemon.socket, group="endpoint", exclusive=True).connect()
+        # Closed: the group is free for the next one, once the daemon has seen
+        # the stream end (it is on another connection).
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            try:
+                async with SidecarRelayClient(daemon.socket, group="endpoint", exclusive=True):
+                    return
+            except relay_sidecar.AlreadyExistsError:
+                assert time.monotonic() < deadline, "the group was not freed"
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())

@@ -979,6 +979,7 @@ async fn subscribe(client: &mut Grpc, worker: &str) -> Result<Inbox> {
     let request = v1::SubscribeRequest {
         group: String::new(),
         worker: worker.to_owned(),
+        ..Default::default()
     };
     Ok(client.subscribe(request).await?.into_inner())
 }

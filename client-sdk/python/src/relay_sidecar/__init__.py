@@ -28,6 +28,7 @@ from ._socket import SOCKET_ENV, default_socket_path
 from ._types import ConnectionState, Counters, DescriptionType, PeerMessage, Status
 from .client import Client, StatusStream, Subscription
 from .errors import (
+    AlreadyExistsError,
     ConnectError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -47,6 +48,7 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not instal
 __all__ = [
     "SOCKET_ENV",
     "aio",
+    "AlreadyExistsError",
     "Client",
     "ConnectError",
     "ConnectionState",

@@ -228,7 +228,11 @@ class Client:
             raise from_rpc_error(e) from None
 
     async def subscribe(
-        self, group: Optional[str] = None, *, timeout: Optional[float] = None
+        self,
+        group: Optional[str] = None,
+        *,
+        exclusive: bool = False,
+        timeout: Optional[float] = None,
     ) -> Subscription:
         """Opens a stream of inbound messages and bounces.
 
@@ -238,8 +242,20 @@ class Client:
         stream outlives relay reconnects and ends only when it is cancelled,
         the daemon stops, or ``timeout`` seconds (a deadline for the whole
         stream) pass.
+
+        With ``exclusive``, the subscription holds ``group`` alone while it is
+        open (for a service that must run once per host): it is refused with
+        ``AlreadyExistsError`` while the group has another subscription, and
+        so is every other subscription to the group until this one ends.
+
+        Raises:
+            AlreadyExistsError: ``exclusive`` and the group is in use, or the
+                group is held exclusively by another subscription.
+            InvalidArgumentError: ``exclusive`` without a group.
         """
-        request = pb.SubscribeRequest(group=group or "", worker=self.worker or "")
+        request = pb.SubscribeRequest(
+            group=group or "", worker=self.worker or "", exclusive=exclusive
+        )
         call = self._stub.Subscribe(request, timeout=timeout)
         subscription = Subscription(call, _convert.peer_message)
         await subscription._started()

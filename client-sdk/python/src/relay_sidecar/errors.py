@@ -18,6 +18,7 @@ __all__ = [
     "UnconfirmedError",
     "FailedPreconditionError",
     "PermissionDeniedError",
+    "AlreadyExistsError",
     "ProtocolError",
     "StatusError",
 ]
@@ -98,6 +99,15 @@ class PermissionDeniedError(RelaySidecarError):
     _prefix = "permission denied: "
 
 
+class AlreadyExistsError(RelaySidecarError):
+    """What was asked for is held by another caller: a group held exclusively,
+    or one that has a subscription when ``exclusive`` was asked for
+    (``ALREADY_EXISTS``)."""
+
+    _code = grpc.StatusCode.ALREADY_EXISTS
+    _prefix = "already exists: "
+
+
 class ProtocolError(RelaySidecarError):
     """The daemon sent something this SDK cannot understand (a malformed
     uuid, an unknown enum value, a missing field)."""
@@ -122,6 +132,7 @@ _BY_CODE = {
         UnconfirmedError,
         FailedPreconditionError,
         PermissionDeniedError,
+        AlreadyExistsError,
     )
 }
 

@@ -80,6 +80,10 @@ class SidecarRelayClient:
             reaches one ``PeerManager`` and not all of them.
         worker: This client's worker label, which the daemon uses to route a
             peer's replies back here. Default: unique per instance.
+        exclusive: Hold ``group`` alone while connected, so that a second
+            client in the same group (on this host, in any process) is
+            refused with ``relay_sidecar.AlreadyExistsError`` at ``connect()``:
+            for a service that must run once per host.
         timeout: Seconds ``connect()`` waits for the daemon to be registered
             with the relay before it warns (or, with ``retry=False``, fails).
     """
@@ -90,10 +94,12 @@ class SidecarRelayClient:
         *,
         group: Optional[str] = DEFAULT_GROUP,
         worker: Optional[str] = None,
+        exclusive: bool = False,
         timeout: float = 10,
     ) -> None:
         self._socket_path = socket_path
         self._group = group
+        self._exclusive = exclusive
         self.worker = worker or f"proxystore-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._timeout = timeout
         self._uuid: Optional[uuid.UUID] = None
@@ -246,7 +252,9 @@ class SidecarRelayClient:
         if self._uuid is not None and status.uuid != self._uuid:
             logger.error("relay-sidecar's identity changed from %s to %s", self._uuid, status.uuid)
         self._uuid, self._name = status.uuid, status.name
-        self._subscription = await self._client.subscribe(self._group or None)
+        self._subscription = await self._client.subscribe(
+            self._group or None, exclusive=self._exclusive
+        )
 
     async def _wait_registered(self, retry: bool) -> None:
         assert self._client is not None
