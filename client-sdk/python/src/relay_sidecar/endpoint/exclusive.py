@@ -1,0 +1,67 @@
+"""One ProxyStore endpoint per daemon, enforced by the daemon.
+
+Every process that uses a daemon is the same ProxyStore peer: one uuid. A
+remote endpoint's request reaches whichever local subscriber the daemon hands
+it to, so with two endpoints behind one daemon (or an endpoint and another
+local ``PeerManager``) a remote ``get`` lands on the wrong one and a key that
+one holds comes back missing from the other. The endpoint's relay client
+therefore holds the daemon's ProxyStore delivery group alone: the daemon
+refuses every other subscription to the group while the endpoint's stream is
+open, and frees the group as soon as that stream ends, however the endpoint
+process ends. No lock file is involved, so users who cannot write each
+other's files are kept apart all the same.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+from .._socket import PathLike, resolve
+from ..errors import RelaySidecarError
+from ..proxystore import DEFAULT_GROUP, SidecarRelayClient
+from .errors import EndpointAlreadyRunningError
+
+__all__ = ["GROUP", "claim"]
+
+#: The daemon's delivery group the endpoint holds: the one every
+#: ``SidecarRelayClient`` joins by default, so that no other local
+#: ``PeerManager`` takes a remote endpoint's requests either.
+GROUP = DEFAULT_GROUP
+
+
+async def claim(socket_path: Optional[PathLike]) -> SidecarRelayClient:
+    """The endpoint's relay client, connected, holding ``GROUP`` alone.
+
+    Waits (as ``SidecarRelayClient.connect`` does) for the daemon to be
+    registered with the relay. Close the client to free the group.
+
+    Raises:
+        EndpointAlreadyRunningError: The daemon refused the group: another
+            endpoint, or another ``PeerManager`` on the daemon, is subscribed.
+        relay_sidecar.ConnectError: No daemon answers on the socket.
+    """
+    client = SidecarRelayClient(socket_path, group=GROUP)
+    try:
+        await client.connect()
+    except Exception as e:
+        refusal = _refusal(e)
+        if refusal is None:
+            raise
+        raise EndpointAlreadyRunningError(
+            f"another ProxyStore endpoint or PeerManager is already using the "
+            f"relay-sidecar daemon at {resolve(socket_path)} ({refusal.message}); "
+            "a daemon serves one endpoint: stop the other one first"
+        ) from e
+    return client
+
+
+def _refusal(error: BaseException) -> Optional[RelaySidecarError]:
+    """The daemon's ALREADY_EXISTS reply behind ``error``, if that is what it is."""
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, RelaySidecarError) and seen.code == grpc.StatusCode.ALREADY_EXISTS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
