@@ -1,5 +1,6 @@
-"""Test support: the real ProxyStore relay, the real daemon, and a remote
-ProxyStore peer, each started here and waited for with bounded polls.
+"""Test support: the real ProxyStore relay, the real daemon, a remote
+ProxyStore peer, and "hosts" running real ProxyStore endpoints, each started
+here and waited for with bounded polls.
 
 The relay is ``proxystore-relay`` from this interpreter's environment; the
 daemon is ``$RELAY_SIDECAR_BIN``, else ``debug/relay-sidecar`` under Cargo's
@@ -11,6 +12,7 @@ fails the tests; nothing here skips.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -69,14 +71,19 @@ class Relay:
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.log = workdir / "relay.log"
-        executable = Path(sys.executable).parent / "proxystore-relay"
-        if not executable.exists():
+        self.executable = Path(sys.executable).parent / "proxystore-relay"
+        if not self.executable.exists():
             raise RuntimeError(
-                f"{executable} is missing: install proxystore[endpoints] into this venv"
+                f"{self.executable} is missing: install proxystore[endpoints] into this venv"
             )
-        with open(self.log, "wb") as log:
+        self.start()
+
+    def start(self) -> None:
+        """Starts the relay (again, on the same port) and waits until it
+        accepts connections."""
+        with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [str(executable), "--host", "127.0.0.1", "--port", str(self.port)],
+                [str(self.executable), "--host", "127.0.0.1", "--port", str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -96,6 +103,11 @@ class Relay:
                         f"within {READY_TIMEOUT}s:\n{log_tail(self.log)}"
                     ) from None
                 time.sleep(POLL_INTERVAL)
+
+    def kill(self) -> None:
+        """SIGKILL: the relay vanishes without closing its connections."""
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -218,3 +230,122 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+#: The most one endpoint command may take: ProxyStore's imports take seconds
+#: on a loaded machine, and ``start`` also waits for the endpoint to serve.
+ENDPOINT_COMMAND_TIMEOUT = 120.0
+#: How long a stopped endpoint process gets after SIGTERM before SIGKILL.
+ENDPOINT_STOP_GRACE = 5.0
+
+
+class EndpointHost:
+    """One "host" of ProxyStore endpoints: its own ``PROXYSTORE_HOME`` (the
+    endpoints ``EndpointConnector`` finds there) and, for a host with a
+    daemon, ``RELAY_SIDECAR_SOCKET``. Runs ``relay-sidecar-endpoint`` and
+    ``proxystore-endpoint`` from this interpreter's environment."""
+
+    def __init__(self, home: Path, socket: Optional[str] = None) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {**daemon_env(), "PROXYSTORE_HOME": str(home)}
+        if socket is not None:
+            self.env["RELAY_SIDECAR_SOCKET"] = socket
+
+    def run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Runs ``program`` (from this venv's bin) with this host's environment."""
+        executable = Path(sys.executable).parent / program
+        if not executable.exists():
+            raise RuntimeError(f"{executable} is missing: pip install ./client-sdk/python")
+        result = subprocess.run(
+            [str(executable), *args],
+            env=self.env,
+            cwd=self.home,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=ENDPOINT_COMMAND_TIMEOUT,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{program} {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return result
+
+    def sidecar(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run("relay-sidecar-endpoint", *args, check=check)
+
+    def proxystore(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run("proxystore-endpoint", *args, check=check)
+
+    def config(self, name: str) -> Any:
+        from proxystore.endpoint.config import read_config
+
+        return read_config(str(self.home / name))
+
+    def no_stun(self, name: str) -> None:
+        """Sets the endpoint's ICE servers to none: host candidates only, so
+        peer connections form at once on a machine without internet."""
+        from proxystore.endpoint.config import write_config
+
+        config = self.config(name)
+        config.relay.ice_servers = []
+        write_config(config, str(self.home / name))
+
+    def address(self, name: str) -> str:
+        config = self.config(name)
+        return f"http://{config.host}:{config.port}"
+
+    def wait_serving(self, name: str) -> None:
+        """Waits (bounded) until the endpoint answers with its config's uuid."""
+        import json
+        import urllib.request
+
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + READY_TIMEOUT
+        expected = uuid.UUID(self.config(name).uuid)
+        while True:
+            try:
+                with direct.open(f"{self.address(name)}/endpoint", timeout=1) as response:
+                    if uuid.UUID(json.load(response)["uuid"]) == expected:
+                        return
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                log = self.home / name / "log.txt"
+                raise RuntimeError(
+                    f"endpoint {name} did not serve in {READY_TIMEOUT}s:\n{log_tail(log)}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def pid(self, name: str) -> Optional[int]:
+        """The pid in the endpoint's pid file, if it has one."""
+        try:
+            return int((self.home / name / "daemon.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def kill_all(self) -> None:
+        """Ends every endpoint process this host's pid files name (all started
+        by the test): SIGTERM, then SIGKILL after a grace period."""
+        for pid_file in self.home.glob("*/daemon.pid"):
+            pid = self.pid(pid_file.parent.name)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + ENDPOINT_STOP_GRACE
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(POLL_INTERVAL)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (and is not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

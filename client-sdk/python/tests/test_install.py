@@ -80,6 +80,15 @@ def test_pip_install_into_a_clean_venv(tmp_path: Path, daemon: Daemon) -> None:
     )
     assert run([python, "-c", check]).stdout.strip() == str(daemon.uuid)
 
+    # The endpoint command comes along; without ProxyStore it still helps,
+    # and says what to install.
+    endpoint = str(env_dir / "bin" / "relay-sidecar-endpoint")
+    assert "configure" in run([endpoint, "--help"]).stdout
+    missing = run([endpoint, "list"], check=False)
+    assert missing.returncode == 1
+    assert "ProxyStore is not installed" in missing.stderr
+    assert "pip install 'relay-sidecar[proxystore]'" in missing.stderr
+
 
 def test_wheel_carries_the_generated_stubs(tmp_path: Path) -> None:
     build_wheel(PACKAGE, tmp_path)
@@ -88,7 +97,14 @@ def test_wheel_carries_the_generated_stubs(tmp_path: Path) -> None:
     generated = "relay_sidecar/_proto/relay_sidecar/v1/"
     for name in ("relay_sidecar_pb2.py", "relay_sidecar_pb2_grpc.py", "relay_sidecar_pb2.pyi"):
         assert generated + name in names, sorted(names)
-    assert {"relay_sidecar/py.typed", "relay_sidecar/proxystore.py"} <= names
+    assert {
+        "relay_sidecar/py.typed",
+        "relay_sidecar/proxystore.py",
+        "relay_sidecar/endpoint/cli.py",
+    } <= names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "relay-sidecar-endpoint = relay_sidecar.endpoint.cli:main" in scripts
     stub = zipfile.ZipFile(wheel).read(generated + "relay_sidecar_pb2_grpc.py").decode()
     assert "from . import relay_sidecar_pb2" in stub
 
