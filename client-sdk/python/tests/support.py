@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -273,6 +274,18 @@ class EndpointHost:
             )
         return result
 
+    def spawn(self, program: str, *args: str) -> subprocess.Popen:
+        """Starts ``program`` with this host's environment, its output piped."""
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / program), *args],
+            env=self.env,
+            cwd=self.home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def sidecar(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run("relay-sidecar-endpoint", *args, check=check)
 
@@ -349,3 +362,22 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def read_until(process: subprocess.Popen, text: str, timeout: float = READY_TIMEOUT) -> str:
+    """Reads ``process``'s stdout (bounded) up to a line holding ``text``."""
+    assert process.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(deadline - time.monotonic()):
+                break
+            line = process.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if text in line:
+                return "".join(seen)
+    raise AssertionError(f"no line with {text!r} in {timeout}s; saw:\n{''.join(seen)}")

@@ -33,12 +33,14 @@ from relay_sidecar.endpoint import compat
 from relay_sidecar.endpoint.errors import EndpointAlreadyRunningError
 from relay_sidecar.endpoint.exclusive import claim
 from support import (
+    ENDPOINT_COMMAND_TIMEOUT,
     POLL_INTERVAL,
     Daemon,
     EndpointHost,
     Relay,
     free_port,
     log_tail,
+    read_until,
 )
 
 #: One connector operation: up to 10 MiB over a peer connection between two
@@ -225,7 +227,7 @@ def test_claim_holds_the_daemon_alone(daemon: Daemon) -> None:
     asyncio.run(main())
 
 
-def test_start_refuses_what_would_break_the_daemon(
+def test_start_waits_for_the_daemon_and_refuses_what_would_break_it(
     daemon: Daemon, relay: Relay, tmp_path: Path, hosts: List[EndpointHost]
 ) -> None:
     host = EndpointHost(tmp_path / "home", socket=daemon.socket)
@@ -243,8 +245,17 @@ def test_start_refuses_what_would_break_the_daemon(
 
     host.sidecar("configure", "a", "--host", "127.0.0.1")
     host.no_stun("a")
-    started = host.sidecar("start", "a")
-    assert "displace the daemon" in started.stderr
+    # Started before the daemon, as a job script may: start waits for it.
+    daemon.stop()
+    starting = host.spawn("relay-sidecar-endpoint", "start", "a")
+    try:
+        read_until(starting, "Waiting up to 60s for the relay-sidecar daemon")
+        daemon.start()
+        out, err = starting.communicate(timeout=ENDPOINT_COMMAND_TIMEOUT)
+    finally:
+        starting.kill()
+    assert starting.returncode == 0, out + err
+    assert "displace the daemon" in err
     host.wait_serving("a")
     listed = host.sidecar("list").stdout
     assert any(line.split()[:2] == ["a", "RUNNING"] for line in listed.splitlines()), listed

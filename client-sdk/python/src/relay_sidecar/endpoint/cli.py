@@ -20,10 +20,11 @@ __all__ = ["START_TIMEOUT", "main"]
 
 logger = logging.getLogger("relay_sidecar.endpoint")
 
-#: How long ``start`` waits, by default, for a detached endpoint to serve.
-#: Imports, registration through the daemon and binding the port take a few
-#: seconds on a loaded login node; a minute leaves room without letting a
-#: stuck start hang a job script.
+#: How long ``start`` waits, by default, for the daemon to answer (one just
+#: started by a job script) and for a detached endpoint to serve. Imports,
+#: registration through the daemon and binding the port take a few seconds
+#: on a loaded login node; a minute leaves room without letting a stuck
+#: start hang a job script.
 START_TIMEOUT = 60.0
 
 LOG_LEVELS = ("ERROR", "WARNING", "INFO", "DEBUG")
@@ -134,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=START_TIMEOUT,
         metavar="SECONDS",
-        help="detached: stop the endpoint and fail if it does not serve within "
-        "this time (default: %(default)g)",
+        help="how long to wait for the daemon to answer and, detached, for the "
+        "endpoint to serve (else it is stopped) (default: %(default)g)",
     )
     start.add_argument("--socket", metavar="PATH", help=socket_help)
 

@@ -180,14 +180,15 @@ def start(
 ) -> None:
     """Starts endpoint ``name`` on the daemon.
 
-    Detached, the endpoint runs in a new session and this returns once it
-    serves, or fails with the endpoint's own words from its log; one that
-    does not serve within ``timeout`` seconds is stopped.
+    Waits up to ``timeout`` seconds for the daemon to answer. Detached, the
+    endpoint runs in a new session and this returns once it serves, or fails
+    with the endpoint's own words from its log; one that does not serve
+    within ``timeout`` seconds is stopped.
     """
     version = compat.check_proxystore()
     home = home_dir()
     endpoint_dir = os.path.join(home, name)
-    config = _startable(name, home, socket_path)
+    config = _startable(name, home, socket_path, timeout)
     if detach:
         _start_detached(name, endpoint_dir, config, socket_path, timeout, log_level)
         return
@@ -224,22 +225,36 @@ def remove(name: str) -> int:
     return proxystore_commands.remove_endpoint(name)
 
 
-def daemon_status(socket_path: Optional[PathLike]) -> Status:
-    """The daemon's status, or an ``EndpointError`` saying that none answers."""
+def daemon_status(socket_path: Optional[PathLike], wait: float = 0.0) -> Status:
+    """The daemon's status, waiting up to ``wait`` seconds for a daemon to
+    answer (one started just before, in a job script); else an
+    ``EndpointError`` saying that none answers."""
     path = resolve(socket_path)
-    try:
-        with Client(path) as client:
-            return client.status(timeout=STATUS_TIMEOUT)
-    except RelaySidecarError as e:
-        raise EndpointError(
-            f"no relay-sidecar daemon answers at {path} ({e}); start one, or name "
-            "its socket with --socket or $RELAY_SIDECAR_SOCKET"
-        ) from None
+    deadline = time.monotonic() + wait
+    waiting = False
+    while True:
+        try:
+            with Client(path) as client:
+                return client.status(timeout=STATUS_TIMEOUT)
+        except RelaySidecarError as e:
+            if time.monotonic() >= deadline:
+                waited = f" after {wait:g}s" if wait else ""
+                raise EndpointError(
+                    f"no relay-sidecar daemon answers at {path}{waited} ({e}); start "
+                    "one, or name its socket with --socket or $RELAY_SIDECAR_SOCKET"
+                ) from None
+        if not waiting:
+            logger.info(f"Waiting up to {wait:g}s for the relay-sidecar daemon at {path}")
+            waiting = True
+        time.sleep(POLL_INTERVAL)
 
 
-def _startable(name: str, home: str, socket_path: Optional[PathLike]) -> EndpointConfig:
+def _startable(
+    name: str, home: str, socket_path: Optional[PathLike], wait: float
+) -> EndpointConfig:
     """The endpoint's config once it is known that starting it on this daemon
-    is right; logs the warnings about it."""
+    is right (waiting up to ``wait`` seconds for the daemon to answer); logs
+    the warnings about it."""
     status = get_status(name, home)
     if status is EndpointStatus.RUNNING:
         raise EndpointError(f"Endpoint {name} is already running.")
@@ -249,7 +264,7 @@ def _startable(name: str, home: str, socket_path: Optional[PathLike]) -> Endpoin
             "`relay-sidecar-endpoint list` shows the endpoints there."
         )
     config = read_config(os.path.join(home, name))
-    daemon = daemon_status(socket_path)
+    daemon = daemon_status(socket_path, wait)
     if uuid.UUID(config.uuid) != daemon.uuid:
         raise IdentityMismatchError(
             f"endpoint {name} has uuid {config.uuid}, but the relay-sidecar daemon "
@@ -375,6 +390,8 @@ def _start_detached(
         "start",
         name,
         "--no-detach",
+        "--timeout",
+        str(timeout),
         "--socket",
         os.path.abspath(resolve(socket_path)),
     ]
