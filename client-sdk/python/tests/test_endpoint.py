@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, TypeVar
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, TypeVar
 
 import pytest
 from proxystore.connectors.endpoint import EndpointConnector, EndpointKey
@@ -32,6 +32,7 @@ import relay_sidecar
 from relay_sidecar.endpoint import compat
 from relay_sidecar.endpoint.errors import EndpointAlreadyRunningError
 from relay_sidecar.endpoint.exclusive import claim
+from relay_sidecar.proxystore import SidecarRelayClient
 from support import (
     ENDPOINT_COMMAND_TIMEOUT,
     POLL_INTERVAL,
@@ -79,6 +80,18 @@ def eventually(fn: Callable[[], T], timeout: float = RECOVERY_TIMEOUT) -> T:
             if time.monotonic() > deadline:
                 raise AssertionError(f"still failing after {timeout:g}s: {e!r}") from e
         time.sleep(POLL_INTERVAL * 10)
+
+
+async def eventually_async(make: Callable[[], Awaitable[T]]) -> T:
+    """``await make()`` retried until it succeeds, for at most ``OP_TIMEOUT``."""
+    deadline = time.monotonic() + OP_TIMEOUT
+    while True:
+        try:
+            return await make()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(POLL_INTERVAL)
 
 
 def connector(host: EndpointHost, *endpoints: uuid.UUID) -> EndpointConnector:
@@ -219,9 +232,12 @@ def test_claim_holds_the_daemon_alone(daemon: Daemon) -> None:
         assert first.uuid == daemon.uuid
         with pytest.raises(EndpointAlreadyRunningError, match=daemon.socket):
             await asyncio.wait_for(claim(daemon.socket), OP_TIMEOUT)
+        # Another PeerManager's default client would share the identity too.
+        with pytest.raises(relay_sidecar.AlreadyExistsError):
+            await asyncio.wait_for(SidecarRelayClient(daemon.socket).connect(), OP_TIMEOUT)
         await first.close()
-        # Freed as soon as the holder's stream ends.
-        again = await asyncio.wait_for(claim(daemon.socket), OP_TIMEOUT)
+        # Free again once the daemon has seen the holder's stream end.
+        again = await asyncio.wait_for(eventually_async(lambda: claim(daemon.socket)), OP_TIMEOUT)
         await again.close()
 
     asyncio.run(main())
@@ -277,16 +293,18 @@ def test_start_waits_for_the_daemon_and_refuses_what_would_break_it(
     assert removing.returncode == 1 and (host.home / "a").exists()
 
     # However the holder ends, the daemon frees the endpoint's place: here
-    # it is killed outright.
+    # it is killed outright, leaving its pid file behind, which start clears.
     pid = host.pid("a")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    host.sidecar("start", "twin")
-    host.wait_serving("twin")
-    host.sidecar("stop", "twin")
-    assert host.pid("twin") is None
+    listed = host.sidecar("list").stdout
+    assert any(line.split()[:2] == ["a", "HANGING"] for line in listed.splitlines()), listed
+    host.sidecar("start", "a")
+    host.wait_serving("a")
+    assert host.pid("a") not in (None, pid)
 
-    host.sidecar("stop", "a")  # the dead endpoint's pid file, as ProxyStore's stop clears it
+    host.sidecar("stop", "a")
+    assert host.pid("a") is None
     host.sidecar("remove", "a")
     assert not (host.home / "a").exists()
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import grpc
-
 from .._socket import PathLike, resolve
-from ..errors import RelaySidecarError
+from ..errors import AlreadyExistsError
 from ..proxystore import DEFAULT_GROUP, SidecarRelayClient
 from .errors import EndpointAlreadyRunningError
 
@@ -42,26 +40,13 @@ async def claim(socket_path: Optional[PathLike]) -> SidecarRelayClient:
             endpoint, or another ``PeerManager`` on the daemon, is subscribed.
         relay_sidecar.ConnectError: No daemon answers on the socket.
     """
-    client = SidecarRelayClient(socket_path, group=GROUP)
+    client = SidecarRelayClient(socket_path, group=GROUP, exclusive=True)
     try:
         await client.connect()
-    except Exception as e:
-        refusal = _refusal(e)
-        if refusal is None:
-            raise
+    except AlreadyExistsError as e:
         raise EndpointAlreadyRunningError(
             f"another ProxyStore endpoint or PeerManager is already using the "
-            f"relay-sidecar daemon at {resolve(socket_path)} ({refusal.message}); "
+            f"relay-sidecar daemon at {resolve(socket_path)} ({e.message}); "
             "a daemon serves one endpoint: stop the other one first"
-        ) from e
+        ) from None
     return client
-
-
-def _refusal(error: BaseException) -> Optional[RelaySidecarError]:
-    """The daemon's ALREADY_EXISTS reply behind ``error``, if that is what it is."""
-    seen: Optional[BaseException] = error
-    while seen is not None:
-        if isinstance(seen, RelaySidecarError) and seen.code == grpc.StatusCode.ALREADY_EXISTS:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
