@@ -128,12 +128,13 @@ def configure(
                 f"remove it first (relay-sidecar-endpoint remove {other.name})"
             )
 
-    options = {}
+    kind = host.lower().strip()
+    found_at_start = kind in ("ip", "fqdn")
+    # Before 1.0 `host` has no default, and start always sets it to the IP.
+    options = {"host": None if found_at_start else host}
     if compat.has_host_type(version):
-        kind = host.lower().strip()
-        options["host_type"] = kind if kind in ("ip", "fqdn") else "static"
-        options["host"] = None if kind in ("ip", "fqdn") else host
-    elif host.lower().strip() != "ip":
+        options["host_type"] = kind if found_at_start else "static"
+    elif kind != "ip":
         raise EndpointError(
             "--host needs ProxyStore 1.0 or later; this one always publishes the IP address"
         )
