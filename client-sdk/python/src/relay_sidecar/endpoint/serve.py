@@ -134,13 +134,10 @@ async def _serve(
         config.port,
         relay_client.name,
     )
-    try:
-        await server.serve()
-    finally:
-        # create_app's shutdown hook closes the endpoint once uvicorn has
-        # started; before that (a taken port), nothing else would.
-        if not server.started:
-            await endpoint.close()
+    # create_app's shutdown hook closes the endpoint when uvicorn stops, a
+    # taken port included (closing it here too would close it twice, which
+    # ProxyStore before 1.1 does not expect).
+    await server.serve()
 
 
 def _storage(config: EndpointConfig) -> Any:
