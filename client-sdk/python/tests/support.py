@@ -306,6 +306,18 @@ class EndpointHost:
         config.relay.ice_servers = []
         write_config(config, str(self.home / name))
 
+    def start_plain(self, name: str, relay_url: str) -> uuid.UUID:
+        """Configures and starts a plain ProxyStore endpoint on loopback,
+        without STUN servers; its uuid once it serves."""
+        self.proxystore(
+            "configure", name, "--host", "127.0.0.1", "--port", str(free_port()),
+            "--relay-address", relay_url, "--no-relay-auth",
+        )  # fmt: skip
+        self.no_stun(name)
+        self.proxystore("start", name)
+        self.wait_serving(name)
+        return uuid.UUID(self.config(name).uuid)
+
     def address(self, name: str) -> str:
         config = self.config(name)
         return f"http://{config.host}:{config.port}"

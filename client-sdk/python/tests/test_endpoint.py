@@ -341,15 +341,8 @@ def run_two_hosts(relay: Relay, daemon: Daemon, tmp: Path, hosts: List[EndpointH
     host_a.sidecar("configure", "a", "--host", "127.0.0.1", "--persist")
     host_a.no_stun("a")
     host_a.sidecar("start", "a")
-    host_b.proxystore(
-        "configure", "b", "--host", "127.0.0.1", "--port", str(free_port()),
-        "--relay-address", relay.url, "--no-relay-auth",
-    )  # fmt: skip
-    host_b.no_stun("b")
-    host_b.proxystore("start", "b")
     host_a.wait_serving("a")
-    host_b.wait_serving("b")
-    a, b = uuid.UUID(host_a.config("a").uuid), uuid.UUID(host_b.config("b").uuid)
+    a, b = uuid.UUID(host_a.config("a").uuid), host_b.start_plain("b", relay.url)
     assert a == daemon.uuid
     lap("start both")
 
@@ -393,14 +386,7 @@ def run_two_hosts(relay: Relay, daemon: Daemon, tmp: Path, hosts: List[EndpointH
     wait_registered_again(daemon, reconnects=2)
     host_c = EndpointHost(tmp / "host-c")
     hosts.append(host_c)
-    host_c.proxystore(
-        "configure", "c", "--host", "127.0.0.1", "--port", str(free_port()),
-        "--relay-address", relay.url, "--no-relay-auth",
-    )  # fmt: skip
-    host_c.no_stun("c")
-    host_c.proxystore("start", "c")
-    host_c.wait_serving("c")
-    c = uuid.UUID(host_c.config("c").uuid)
+    c = host_c.start_plain("c", relay.url)
     on_c = connector(host_c, a, c)
     exchange(on_a, on_c)
     exchange(on_c, on_a)
