@@ -1,21 +1,25 @@
 //! The Unix socket the gRPC service listens on: created with its final mode
-//! and group (no moment in which it is wider), a stale file from a dead daemon
-//! replaced, a live daemon on the same path refused, the file removed on exit;
-//! or the listening socket systemd hands over. Every accepted connection is
-//! logged with its caller's credentials.
+//! and group (no moment in which it is wider, and the process-wide umask
+//! untouched), a stale file from a dead daemon replaced, a live daemon on the
+//! same path refused, and on exit the file removed only if it is still the one
+//! this daemon made; or the listening socket systemd hands over.
+//! [`connections`](crate::connections) accepts and bounds what connects.
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use futures_util::{Stream, StreamExt};
-use nix::sys::stat::{Mode, umask};
-use nix::unistd::Gid;
-use tokio::net::{UnixListener, UnixStream};
-use tokio_stream::wrappers::UnixListenerStream;
+use nix::fcntl::AtFlags;
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::stat::{FchmodatFlags, Mode};
+use nix::unistd::{Gid, UnlinkatFlags};
+use tokio::net::UnixListener;
 use tracing::{info, warn};
 
-use crate::authority::Normalise;
+/// Connections the kernel queues before the daemon accepts them.
+const BACKLOG: i32 = 1024;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +41,25 @@ pub enum IpcError {
     },
 }
 
-/// The socket file, removed when this is dropped (unless systemd made it).
+/// The socket file, removed when this is dropped if it is still the file
+/// this daemon created (not systemd's, not a newer daemon's).
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
-    /// Whether this daemon created the file (not systemd's socket unit,
+    /// Set when this daemon created the file (not systemd's socket unit,
     /// which keeps it for the next activation).
-    owned: bool,
+    owned: Option<Created>,
+}
+
+/// What identifies the file this daemon bound: the directory it was made
+/// in (held open, so a directory symlink re-pointed later does not matter),
+/// its name there, and its device and inode.
+#[derive(Debug)]
+struct Created {
+    dir: File,
+    name: OsString,
+    dev: u64,
+    ino: u64,
 }
 
 impl SocketFile {
@@ -53,19 +69,36 @@ impl SocketFile {
 
     /// Whether the socket came from systemd rather than from [`bind`].
     pub fn activated(&self) -> bool {
-        !self.owned
+        self.owned.is_none()
     }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if !self.owned {
+        let Some(created) = &self.owned else {
             return;
-        }
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => info!(socket = %self.path.display(), "socket removed"),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => warn!(socket = %self.path.display(), error = %e, "cannot remove socket"),
+        };
+        let socket = self.path.display();
+        match nix::sys::stat::fstatat(
+            &created.dir,
+            created.name.as_os_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) if (st.st_dev, st.st_ino) == (created.dev, created.ino) => {
+                match nix::unistd::unlinkat(
+                    &created.dir,
+                    created.name.as_os_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                ) {
+                    Ok(()) => info!(%socket, "socket removed"),
+                    Err(e) => warn!(%socket, error = %e, "cannot remove socket"),
+                }
+            }
+            // Another daemon replaced it after this one stopped listening:
+            // it is that daemon's now.
+            Ok(_) => info!(%socket, "socket file is no longer this daemon's; left in place"),
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => warn!(%socket, error = %e, "cannot check socket before removing it"),
         }
     }
 }
@@ -82,9 +115,22 @@ pub fn bind(
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
+    let errno = |e: nix::errno::Errno| io(e.into());
+    let (dir_path, name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => (dir, name.to_os_string()),
+        _ => {
+            return Err(io(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "not a file path",
+            )));
+        }
+    };
+    let dir_path = if dir_path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        std::fs::create_dir_all(dir_path).map_err(io)?;
+        dir_path
+    };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -100,28 +146,63 @@ pub fn bind(
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    // The umask is per process; binding happens at start-up before any other
-    // file is created, and the old mask is restored at once. Until the file
-    // has its group, only the owner's bits are granted: the daemon's own
-    // group is not the one the socket is meant for.
+    let dir = File::open(dir_path).map_err(io)?;
+    // The file takes its mode from the socket's inode, less the umask, when
+    // bind(2) creates it (Linux): set on the socket first, it is never wider
+    // than asked, and the umask (process-wide, shared with every thread)
+    // stays untouched. Until the file has its group, only the owner's bits:
+    // the daemon's own group is not the one the socket is meant for.
     let first = if group.is_some() { mode & 0o700 } else { mode };
-    let old = umask(Mode::from_bits_truncate(!first & 0o777));
-    let bound = UnixListener::bind(path);
-    umask(old);
-    let listener = bound.map_err(io)?;
+    let socket = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(errno)?;
+    nix::sys::stat::fchmod(&socket, Mode::from_bits_truncate(first)).map_err(errno)?;
+    let addr = UnixAddr::new(path).map_err(errno)?;
+    {
+        use std::os::fd::AsRawFd;
+        nix::sys::socket::bind(socket.as_raw_fd(), &addr).map_err(errno)?;
+    }
+    let st = nix::sys::stat::fstatat(&dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(errno)?;
     let file = SocketFile {
         path: path.to_path_buf(),
-        owned: true,
+        owned: Some(Created {
+            dir,
+            name,
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }),
     };
+    let created = file.owned.as_ref().expect("just set");
     if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| IpcError::Group {
+        nix::unistd::fchownat(
+            &created.dir,
+            created.name.as_os_str(),
+            None,
+            Some(gid),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| IpcError::Group {
             path: path.to_path_buf(),
             gid: gid.as_raw(),
             source: e.into(),
         })?;
     }
     // A umask can only take bits away; set the exact mode asked for.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    nix::sys::stat::fchmodat(
+        &created.dir,
+        created.name.as_os_str(),
+        Mode::from_bits_truncate(mode),
+        FchmodatFlags::FollowSymlink,
+    )
+    .map_err(errno)?;
+    nix::sys::socket::listen(&socket, Backlog::new(BACKLOG).map_err(errno)?).map_err(errno)?;
+    let listener =
+        UnixListener::from_std(std::os::unix::net::UnixListener::from(socket)).map_err(io)?;
     Ok((listener, file))
 }
 
@@ -146,34 +227,15 @@ pub fn activated(
         listener,
         SocketFile {
             path: path.clone(),
-            owned: false,
+            owned: None,
         },
     ))
-}
-
-/// The connections accepted on `listener`, each logged with its caller's
-/// credentials and wrapped so that h2 accepts any client's `:authority`.
-pub fn incoming(
-    listener: UnixListener,
-) -> impl Stream<Item = std::io::Result<Normalise<UnixStream>>> + Send + 'static {
-    UnixListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        match stream.peer_cred() {
-            Ok(cred) => info!(
-                uid = cred.uid(),
-                gid = cred.gid(),
-                pid = cred.pid().unwrap_or(0),
-                "caller connected"
-            ),
-            Err(e) => warn!(error = %e, "caller connected; its credentials are unknown"),
-        }
-        Ok(Normalise::new(stream))
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn live_socket_refused_stale_one_replaced() {
@@ -225,11 +287,10 @@ mod tests {
         assert!(socket.activated());
         let client = tokio::spawn({
             let path = path.clone();
-            async move { UnixStream::connect(path).await.unwrap() }
+            async move { tokio::net::UnixStream::connect(path).await.unwrap() }
         });
-        let mut connections = Box::pin(incoming(listener));
-        let conn = connections.next().await.unwrap().unwrap();
-        let cred = conn.get_ref().peer_cred().unwrap();
+        let (conn, _) = listener.accept().await.unwrap();
+        let cred = conn.peer_cred().unwrap();
         assert_eq!(cred.uid(), nix::unistd::geteuid().as_raw());
         drop(client.await.unwrap());
         drop(socket);
