@@ -50,6 +50,24 @@ pub struct Settings {
     /// Callers admitted by their (effective, primary) gid.
     #[serde(deserialize_with = "id_list")]
     pub allow_gids: Vec<u32>,
+    /// Callers who may make the calls that affect every worker (Reconnect),
+    /// by uid or gid. Both empty: root and the daemon's own uid.
+    #[serde(deserialize_with = "id_list")]
+    pub admin_uids: Vec<u32>,
+    #[serde(deserialize_with = "id_list")]
+    pub admin_gids: Vec<u32>,
+    /// The least time between two Reconnects.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min_interval: Duration,
+    /// Connections open on the socket at once (lowered to fit the file
+    /// descriptor limit).
+    pub max_connections: usize,
+    /// Time a new connection has to send the HTTP/2 preface.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time a connection may stay without an open call.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Where to serve Prometheus metrics over HTTP, e.g. "127.0.0.1:9464".
     /// Unset: no metrics endpoint.
     pub metrics_listen: Option<String>,
@@ -112,6 +130,12 @@ impl Default for Settings {
             socket_group: None,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            admin_uids: Vec::new(),
+            admin_gids: Vec::new(),
+            reconnect_min_interval: crate::limits::DEFAULT_RECONNECT_MIN_INTERVAL,
+            max_connections: crate::limits::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: crate::limits::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: crate::limits::DEFAULT_IDLE_TIMEOUT,
             metrics_listen: None,
             headers: BTreeMap::new(),
             token_file: None,
@@ -243,6 +267,8 @@ impl Settings {
             ("ping_interval", self.ping_interval),
             ("ping_timeout", self.ping_timeout),
             ("affinity", self.affinity),
+            ("handshake_timeout", self.handshake_timeout),
+            ("idle_timeout", self.idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(key, "must be more than zero"));
@@ -258,6 +284,7 @@ impl Settings {
             ("max_message_bytes", self.max_message_bytes),
             ("subscriber_queue", self.subscriber_queue),
             ("backlog", self.backlog),
+            ("max_connections", self.max_connections),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be more than zero"));

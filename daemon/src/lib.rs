@@ -6,8 +6,10 @@
 //! - [`relay`]: the task that owns the relay WebSocket and its state machine.
 //! - [`router`]: hands inbound messages to local subscribers.
 //! - [`service`]: the `relay_sidecar.v1.RelaySidecar` gRPC service.
-//! - [`ipc`]: the Unix socket the service listens on; [`authority`] lets
-//!   any gRPC client's `:authority` through, [`access`] checks callers.
+//! - [`ipc`]: the Unix socket the service listens on; [`connections`]
+//!   accepts and bounds what connects, [`authority`] lets any gRPC client's
+//!   `:authority` through, [`access`] checks callers; [`limits`] gathers
+//!   every bound on callers, [`summary`] the log budget for their events.
 //! - [`health`] and gRPC reflection: standard services on the same socket.
 //! - [`systemd`]: socket activation and notifications; [`metrics`]: the
 //!   optional Prometheus endpoint; [`cli`]: the daemon's command line.
@@ -19,16 +21,19 @@ pub mod authority;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod connections;
 pub mod devrelay;
 pub mod health;
 pub mod identity;
 pub mod ipc;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
 pub mod router;
 pub mod service;
 pub mod status;
+pub mod summary;
 pub mod systemd;
 
 use std::path::{Path, PathBuf};
@@ -41,8 +46,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::access::AllowList;
+use crate::access::{Admins, AllowList};
 use crate::config::{ConfigError, Settings};
+use crate::connections::{Budget, CallLayer, Connections};
 use crate::devrelay::DevRelay;
 use crate::identity::{Identity, IdentityError};
 use crate::ipc::{IpcError, SocketFile};
@@ -195,6 +201,11 @@ impl Daemon {
             send_timeout: settings.send_timeout,
             max_message_bytes: settings.max_message_bytes,
             shutdown: shutdown.clone(),
+            admins: Admins::new(
+                &settings.admin_uids,
+                &settings.admin_gids,
+                settings.reconnect_min_interval,
+            ),
         });
 
         let tasks = TaskTracker::new();
@@ -229,18 +240,43 @@ impl Daemon {
         }
         tasks.spawn(connection.run());
         tasks.spawn(systemd::run(states.clone(), shutdown.clone()));
+        let connections = Connections::new(
+            Budget {
+                max_connections: settings.max_connections,
+                handshake_timeout: settings.handshake_timeout,
+                idle_timeout: settings.idle_timeout,
+            }
+            .fit_to_fd_limit(),
+        );
+        tasks.spawn(connections.clone().sweep(shutdown.clone()));
+        let incoming = connections::incoming(listener, connections, allow, tasks.clone());
+        // Every limit tonic leaves to hyper is set here, from `limits`:
+        // tonic's own defaults lift some of hyper's (streams per connection).
+        let relay_sidecar = RelaySidecarServer::new(service).max_decoding_message_size(
+            settings
+                .max_message_bytes
+                .saturating_add(limits::REQUEST_OVERHEAD_BYTES),
+        );
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .layer(tonic::service::InterceptorLayer::new(allow))
+                .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
+                .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES as u32)
+                .max_frame_size(limits::MAX_FRAME_BYTES)
+                .initial_stream_window_size(limits::STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(limits::CONNECTION_WINDOW_BYTES)
+                .http2_max_pending_accept_reset_streams(Some(
+                    limits::MAX_PENDING_ACCEPT_RESET_STREAMS,
+                ))
+                .http2_max_local_error_reset_streams(Some(limits::MAX_LOCAL_ERROR_RESET_STREAMS))
+                .http2_keepalive_interval(Some(limits::KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(limits::KEEPALIVE_TIMEOUT))
+                .layer(CallLayer)
                 .layer(metrics.layer())
-                .add_service(RelaySidecarServer::new(service))
+                .add_service(relay_sidecar)
                 .add_service(health::server(states, shutdown.clone()))
                 .add_service(reflection().build_v1()?)
                 .add_service(reflection().build_v1alpha()?)
-                .serve_with_incoming_shutdown(
-                    ipc::incoming(listener),
-                    shutdown.clone().cancelled_owned(),
-                ),
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
         );
         // Connections are queued from bind on and accepted once the server
         // task runs, so callers may come now.

@@ -16,8 +16,10 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::access::Admins;
 use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
+use crate::limits::{FAR_DEADLINE, GRPC_TIMEOUT_DIGITS};
 use crate::relay::{Handle, SendError, Ticket};
 use crate::router::{Interest, PeerMessage, Router, SubscribeError, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
@@ -54,6 +56,8 @@ pub struct ServiceParts {
     pub max_message_bytes: usize,
     /// Cancelled at shutdown: open streams end then.
     pub shutdown: CancellationToken,
+    /// Who may call Reconnect, and how often.
+    pub admins: Admins,
 }
 
 impl Service {
@@ -94,7 +98,7 @@ impl Service {
         let ticket = if frames.is_empty() {
             None
         } else {
-            let deadline = Instant::now() + self.inner.send_timeout;
+            let deadline = deadline_in(self.inner.send_timeout);
             Some(self.inner.relay.submit_all(frames, deadline).await)
         };
         Chunk { outcomes, ticket }
@@ -275,20 +279,49 @@ fn caller<T>(request: &Request<T>, label: &str) -> Worker {
         .unwrap_or_else(Worker::anonymous)
 }
 
-/// The caller's deadline from the `grpc-timeout` header, if it sent one.
+/// The caller's deadline from the `grpc-timeout` header, if it sent a
+/// valid one.
 fn call_timeout<T>(request: &Request<T>) -> Option<Duration> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` value as the gRPC over HTTP/2 spec defines it: 1 to 8
+/// ASCII digits and a unit (H, M, S, m, u, n). Anything else is no deadline
+/// (as tonic, which enforces the header, reads it too).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty()
+        || digits.len() > GRPC_TIMEOUT_DIGITS
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // At most 99,999,999: no unit can overflow.
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The instant `after` from now, without overflow: [`FAR_DEADLINE`] at most.
+fn deadline_in(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after.min(FAR_DEADLINE)).unwrap_or(now)
+}
+
+/// What a Send whose deadline passed after its message was handed to the
+/// relay connection returns: DEADLINE_EXCEEDED, before tonic's own timer
+/// would cancel the call with CANCELLED (which the contract does not use).
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded(
+        "the call's deadline passed before the relay confirmed the message; it may or may not have been forwarded",
+    )
 }
 
 #[tonic::async_trait]
@@ -339,10 +372,17 @@ impl RelaySidecar for Service {
         let (peer, frame) = self.encode(request.get_ref())?;
         let worker = caller(&request, &request.get_ref().worker);
         self.inner.router.note_send(&worker, peer);
-        self.inner
-            .relay
-            .send(frame, Instant::now() + self.wait_budget(&request))
-            .await?;
+        let deadline = deadline_in(self.wait_budget(&request));
+        let ticket = self.inner.relay.submit(frame, deadline).await?;
+        if call_timeout(&request).is_some() {
+            // Written, or about to be: past the caller's deadline, nobody
+            // knows whether the relay forwarded it.
+            tokio::time::timeout_at(deadline, ticket.outcome())
+                .await
+                .map_err(|_| deadline_exceeded())??;
+        } else {
+            ticket.outcome().await?;
+        }
         Ok(Response::new(v1::SendResponse {}))
     }
 
@@ -353,6 +393,7 @@ impl RelaySidecar for Service {
         request: Request<tonic::Streaming<v1::SendRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
         let process = caller(&request, "");
+        let end = call_timeout(&request).map(|_| deadline_in(self.wait_budget(&request)));
         let service = self.clone();
         // What has arrived is taken as a chunk and queued for the relay,
         // chunk after chunk, in order; outcomes are awaited up to
@@ -385,7 +426,27 @@ impl RelaySidecar for Service {
             }
             Ok(v1::SendStreamResponse { settled, failures })
         });
-        Ok(Response::new(Box::pin(responses)))
+        let responses: Self::SendStreamStream = Box::pin(responses);
+        let Some(end) = end else {
+            return Ok(Response::new(responses));
+        };
+        // With a deadline, the stream ends with DEADLINE_EXCEEDED just
+        // before it, rather than being cancelled by tonic's timer: the
+        // messages after the last `settled` have no outcome.
+        let timed = futures_util::stream::unfold(
+            (responses, Box::pin(tokio::time::sleep_until(end)), false),
+            |(mut responses, mut timer, over)| async move {
+                if over {
+                    return None;
+                }
+                tokio::select! {
+                    biased;
+                    item = responses.next() => item.map(|item| (item, (responses, timer, false))),
+                    () = &mut timer => Some((Err(deadline_exceeded()), (responses, timer, true))),
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(timed)))
     }
 
     type SubscribeStream = ResponseStream<v1::SubscribeResponse>;
@@ -410,9 +471,42 @@ impl RelaySidecar for Service {
 
     async fn reconnect(
         &self,
-        _request: Request<v1::ReconnectRequest>,
+        request: Request<v1::ReconnectRequest>,
     ) -> Result<Response<v1::ReconnectResponse>, Status> {
+        self.inner.admins.admit("Reconnect", &request)?;
         self.inner.relay.reconnect().await?;
         Ok(Response::new(v1::ReconnectResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_follow_the_spec() {
+        assert_eq!(parse_grpc_timeout("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        for bad in [
+            "18446744073709551615S",
+            "123456789S",
+            "S",
+            "",
+            "1",
+            "+1S",
+            "1s",
+            "1.5S",
+            " 1S",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        // The longest deadline still makes an instant.
+        let far = deadline_in(parse_grpc_timeout("99999999H").unwrap());
+        assert!(far > Instant::now());
+        assert!(deadline_in(Duration::MAX) > Instant::now());
     }
 }
