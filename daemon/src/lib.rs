@@ -234,7 +234,7 @@ impl Daemon {
                 router: router_read,
                 states: states.clone(),
             };
-            let serve = metrics.serve(addr, link, shutdown.clone());
+            let serve = metrics.serve(addr, link, shutdown.clone(), tasks.clone());
             tasks.spawn(serve.await.map_err(Error::Metrics)?);
             info!(%addr, "metrics at /metrics");
         }

@@ -2,17 +2,22 @@
 //! state, registrations, reconnects, message counters, subscribers and the
 //! time Send calls take, served over HTTP at `/metrics`.
 //!
+//! The endpoint is bounded like the socket: at most [`METRICS_CONNECTIONS`]
+//! connections (the oldest is closed to admit another), one request each,
+//! within [`METRICS_CONNECTION_TIME`], on tasks the daemon waits for.
+//!
 //! Counters the daemon keeps anyway ([`Counters`]) are read at each scrape;
 //! only the Send latency histogram is recorded here, by a layer on the gRPC
 //! server, so the service itself knows nothing of metrics.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -31,9 +36,17 @@ use relay_sidecar_proto::SERVICE_NAME;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::limits::{
+    ACCEPT_BACKOFF_INITIAL, ACCEPT_BACKOFF_MAX, LOG_SUMMARY_INTERVAL, METRICS_CONNECTION_TIME,
+    METRICS_CONNECTIONS,
+};
 use crate::router::Router;
+use crate::summary::Summary;
+
+static ACCEPT_FAILED: Summary = Summary::new(LOG_SUMMARY_INTERVAL);
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
 /// Every state, in the order the `connection_state` family lists them.
@@ -81,12 +94,14 @@ impl Metrics {
         }
     }
 
-    /// Binds `metrics_listen` and serves `/metrics` until `shutdown`.
+    /// Binds `metrics_listen` and serves `/metrics` until `shutdown`, each
+    /// connection on a task of `tasks`.
     pub async fn serve(
         &self,
         addr: SocketAddr,
         link: Link,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
         let listener = TcpListener::bind(addr).await?;
         let registered_once = Arc::new(AtomicBool::new(false));
@@ -108,6 +123,7 @@ impl Metrics {
             states,
             registered_once,
             shutdown,
+            tasks,
         ))
     }
 }
@@ -118,10 +134,11 @@ async fn run(
     states: watch::Receiver<LinkStatus>,
     registered_once: Arc<AtomicBool>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 ) {
     tokio::join!(
         note_registration(states, registered_once, shutdown.clone()),
-        accept(listener, registry, shutdown),
+        accept(listener, registry, shutdown, tasks),
     );
 }
 
@@ -144,34 +161,65 @@ async fn note_registration(
     }
 }
 
-async fn accept(listener: TcpListener, registry: Arc<Registry>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!(error = %e, "metrics: cannot accept a connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+async fn accept(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    // The open connections, oldest first, each with the token that ends it.
+    let open: Arc<Mutex<VecDeque<(u64, CancellationToken)>>> = Arc::default();
+    let mut backoff = ACCEPT_BACKOFF_INITIAL;
+    for id in 0u64.. {
+        let stream = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => break stream,
+                    Err(e) => {
+                        if let Some(earlier) = ACCEPT_FAILED.note() {
+                            warn!(error = %e, earlier, retry_in = ?backoff, "metrics: cannot accept a connection");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    }
+                },
+            }
         };
+        backoff = ACCEPT_BACKOFF_INITIAL;
+        let end = shutdown.child_token();
+        {
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            if open.len() >= METRICS_CONNECTIONS
+                && let Some((_, oldest)) = open.pop_front()
+            {
+                debug!("metrics: at the connection limit; closing the oldest");
+                oldest.cancel();
+            }
+            open.push_back((id, end.clone()));
+        }
         let registry = Arc::clone(&registry);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let open = Arc::clone(&open);
+        tasks.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let response = respond(&registry, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // One request a connection: nothing to keep open between scrapes.
             let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                result = connection => if let Err(e) = result {
-                    debug!(error = %e, "metrics: connection ended");
+                result = tokio::time::timeout(METRICS_CONNECTION_TIME, connection) => match result {
+                    Ok(Err(e)) => debug!(error = %e, "metrics: connection ended"),
+                    Err(_) => debug!("metrics: connection closed after its time limit"),
+                    Ok(Ok(())) => {}
                 },
-                () = shutdown.cancelled() => {}
+                () = end.cancelled() => {}
             }
+            open.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(each, _)| *each != id);
         });
     }
 }

@@ -1,6 +1,10 @@
 //! relayctl: a command-line client for the relay-sidecar daemon, a thin shell
-//! over the `relay-sidecar-client` SDK.
+//! over the `relay-sidecar-client` SDK. Text that peers or the relay control
+//! (names, descriptions, errors, close reasons) is printed with control
+//! characters shown as escapes, never sent to the terminal as they are.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::process::ExitCode;
@@ -102,7 +106,7 @@ async fn run(cli: Cli) -> Result<()> {
                 match (cli.json, s.detail.is_empty()) {
                     (true, _) => println!("{}", json!({"time": time, "status": status_json(&s)})),
                     (false, true) => println!("{time} {state}"),
-                    (false, false) => println!("{time} {state}: {}", s.detail),
+                    (false, false) => println!("{time} {state}: {}", shown(&s.detail)),
                 }
                 true
             })
@@ -163,12 +167,12 @@ fn print_status(s: &Status) {
     let row = |key: &str, value: &dyn std::fmt::Display| println!("{key:<11}{value}");
     let c = &s.counters;
     row("uuid", &s.uuid);
-    row("name", &s.name);
-    row("relay", &s.relay_url);
-    row("dialect", &s.dialect);
+    row("name", &shown(&s.name));
+    row("relay", &shown(&s.relay_url));
+    row("dialect", &shown(&s.dialect));
     row("state", &s.state);
     if !s.detail.is_empty() {
-        row("detail", &s.detail);
+        row("detail", &shown(&s.detail));
     }
     if let Some(code) = s.close_code {
         row("close code", &code);
@@ -199,7 +203,7 @@ fn print_status(s: &Status) {
             c.reconnects, c.subscribers, c.workers
         ),
     );
-    row("version", &s.version);
+    row("version", &shown(&s.version));
 }
 
 fn status_json(s: &Status) -> Value {
@@ -229,14 +233,48 @@ fn print_message(m: &PeerMessage, as_json: bool) {
         println!("{fields}");
     } else if m.bounced {
         let error = m.error.as_deref().unwrap_or("no reason given");
-        println!("bounced to {}: {error}", m.peer_uuid);
+        println!("bounced to {}: {}", m.peer_uuid, shown(error));
     } else {
-        let (name, uuid) = (&m.source_name, m.source_uuid);
+        let (name, uuid) = (shown(&m.source_name), m.source_uuid);
         println!(
             "from {name} ({uuid}) {}: {}",
-            m.description_type, m.description
+            shown(&m.description_type),
+            shown(&m.description)
         );
     }
+}
+
+/// `text` as it may go to a terminal: control characters (escape sequences,
+/// carriage returns, newlines) and the Unicode controls that reorder text
+/// on screen are written as escapes (`\u{1b}`, `\r`, `\n`), and a
+/// backslash as `\\`, so what is shown is what was sent and one message
+/// stays on one line.
+fn shown(text: &str) -> Cow<'_, str> {
+    let escaped = |c: char| c == '\\' || c.is_control() || is_bidi_control(c);
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if escaped(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Unicode's explicit bidirectional formatting characters (embeddings,
+/// overrides, isolates, marks): they make a terminal show text in an order
+/// other than the one it has.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{61c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// The time now, RFC 3339 in UTC (from tracing-subscriber, already at hand).
@@ -249,6 +287,18 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_is_shown_escaped() {
+        assert_eq!(shown("v=0 plain"), "v=0 plain");
+        assert_eq!(
+            shown("\u{1b}]0;pwned\u{7}\u{1b}[2J"),
+            "\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"
+        );
+        assert_eq!(shown("a\r\nb\\c"), "a\\r\\nb\\\\c");
+        assert_eq!(shown("\u{9b}31m \u{202e}txt"), "\\u{9b}31m \\u{202e}txt");
+        assert_eq!(shown("héllo ünïcode 日本"), "héllo ünïcode 日本");
+    }
 
     #[test]
     fn seconds_parse() {
