@@ -41,7 +41,7 @@ use tracing::debug;
 
 use crate::limits::{
     HEADER_BLOCK_TIMEOUT, HPACK_TABLE_BYTES, MAX_CONTINUATION_FRAMES, MAX_FRAME_BYTES,
-    MAX_HEADER_BLOCK_BYTES, MAX_HEADER_LIST_BYTES,
+    MAX_HEADER_BLOCK_BYTES, MAX_HEADER_LIST_BYTES, MAX_REWRITTEN_AUTHORITY_BYTES,
 };
 
 /// What a client sends first on an HTTP/2 connection with prior knowledge.
@@ -464,7 +464,10 @@ impl Rewriter {
         }
         let mut changed = false;
         for (name, value) in &mut fields {
-            if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
+            if name == b":authority"
+                && value.len() <= MAX_REWRITTEN_AUTHORITY_BYTES
+                && http::uri::Authority::try_from(value.as_slice()).is_err()
+            {
                 debug!(authority = %String::from_utf8_lossy(value), "replacing an :authority h2 would refuse");
                 *value = LOCALHOST.to_vec();
                 changed = true;

@@ -26,6 +26,12 @@ pub const HPACK_TABLE_BYTES: usize = 4096;
 /// four times the decoded limit is h2's own "abuse" bound for a block.
 pub const MAX_HEADER_BLOCK_BYTES: usize = 4 * MAX_HEADER_LIST_BYTES;
 
+/// The longest `:authority` the rewriter replaces. It exists for clients
+/// that put the socket path there: a Unix socket path is at most 107 bytes
+/// (`sun_path`), percent-encoded at most three times that. A longer value is
+/// left for h2, which refuses it.
+pub const MAX_REWRITTEN_AUTHORITY_BYTES: usize = 3 * 107;
+
 /// The most CONTINUATION frames one block may have. h2 allows the frames a
 /// full header list needs plus a quarter, and at least 5; with 16 KiB
 /// frames and a 16 KiB list that is 5.
