@@ -297,6 +297,50 @@ mod tests {
         assert!(path.exists(), "systemd's socket file stays");
     }
 
+    /// Binding leaves the process-wide umask alone: files another thread
+    /// creates meanwhile get the modes they always would.
+    #[test]
+    fn binding_does_not_change_the_umask() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let creator = std::thread::spawn({
+            let (dir, stop) = (dir.path().join("files"), std::sync::Arc::clone(&stop));
+            move || {
+                std::fs::create_dir(&dir).unwrap();
+                let mut modes = std::collections::BTreeSet::new();
+                for i in 0u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let path = dir.join(format!("f{}", i % 64));
+                    let _ = std::fs::remove_file(&path);
+                    std::fs::File::create(&path).unwrap();
+                    modes.insert(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777);
+                }
+                modes
+            }
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for i in 0..200 {
+                let path = dir.path().join(format!("s{i}.sock"));
+                let (_listener, socket) = bind(&path, 0o600, None).unwrap();
+                assert_eq!(
+                    std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                    0o600
+                );
+                drop(socket);
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        let modes = creator.join().unwrap();
+        assert_eq!(modes.len(), 1, "files were created with modes {modes:?}");
+    }
+
     #[test]
     fn a_regular_file_is_never_replaced() {
         let dir = tempfile::tempdir().unwrap();

@@ -23,6 +23,7 @@ pub mod codec;
 pub mod config;
 pub mod connections;
 pub mod devrelay;
+pub mod fuzzing;
 pub mod health;
 pub mod identity;
 pub mod ipc;
