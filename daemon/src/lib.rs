@@ -256,7 +256,8 @@ impl Daemon {
         let relay_sidecar = RelaySidecarServer::new(service).max_decoding_message_size(
             settings
                 .max_message_bytes
-                .saturating_add(limits::REQUEST_OVERHEAD_BYTES),
+                .saturating_add(limits::REQUEST_OVERHEAD_BYTES)
+                .max(limits::MAX_REQUEST_BYTES),
         );
         let server = tokio::spawn(
             tonic::transport::Server::builder()

@@ -74,9 +74,16 @@ pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// What a request may be over `max_message_bytes` before tonic refuses to
-/// decode it (OUT_OF_RANGE) instead of the service (INVALID_ARGUMENT): room
-/// for the fields besides `description`, whose own limits are far smaller.
+/// The largest request tonic decodes (a larger one is refused while its
+/// length prefix is read, OUT_OF_RANGE, never buffered): tonic's own
+/// default, set explicitly. Up to it, a message over `max_message_bytes`
+/// gets INVALID_ARGUMENT naming `description`, as the contract says. When
+/// `max_message_bytes` is raised past it, the limit is that plus
+/// [`REQUEST_OVERHEAD_BYTES`].
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Room in a request for the fields besides `description`, whose own
+/// limits are far smaller.
 pub const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 
 // --- Connections on the socket.

@@ -769,7 +769,8 @@ async fn send_returns_only_documented_codes() {
         );
     };
 
-    // A request over tonic's decoding limit (max_message_bytes + 64 KiB).
+    // A request over the decoding limit (4 MiB), and one under it but over
+    // max_message_bytes.
     let relay = dev_relay().await;
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), &relay.url(), Dialect::Current);
@@ -777,11 +778,20 @@ async fn send_returns_only_documented_codes() {
     let daemon = TestDaemon::start_with(s).await;
     let mut raw = daemon.registered_client().await.raw();
     let big = raw
-        .send(send_request(Uuid::new_v4(), "x".repeat(200_000)))
+        .send(send_request(
+            Uuid::new_v4(),
+            "x".repeat(limits::MAX_REQUEST_BYTES),
+        ))
         .await
         .unwrap_err();
     check("over the decoding limit", &big);
     assert_eq!(big.code(), tonic::Code::OutOfRange);
+    let over = raw
+        .send(send_request(Uuid::new_v4(), "x".repeat(200_000)))
+        .await
+        .unwrap_err();
+    check("over max_message_bytes", &over);
+    assert_eq!(over.code(), tonic::Code::InvalidArgument);
     daemon.stop().await;
 
     // A caller's deadline while the relay never confirms.

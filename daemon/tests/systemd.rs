@@ -137,6 +137,8 @@ async fn socket_activation_serves_the_call_that_started_the_daemon() {
         .arg(format!("--listen={}", socket.display()))
         .arg(env!("CARGO_BIN_EXE_relay-sidecar"))
         .args(["--relay-url", &relay.url(), "--log-format", "json"])
+        // Callers are logged at DEBUG (a line each would be a flood at INFO).
+        .args(["--log-level", "debug"])
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         // A socket flag the daemon must ignore: it was handed one.
