@@ -225,19 +225,7 @@ impl Shared {
         let mut table = self.table();
         let open = table.values().filter(|s| !s.is_closing()).count();
         if open >= self.budget.max_connections {
-            // The connection that has done nothing longest goes: one that
-            // never finished its handshake first, then the longest idle.
-            let victim = table
-                .values()
-                .filter(|s| !s.is_closing() && s.is_idle())
-                .min_by_key(|s| {
-                    (
-                        s.handshaken.load(Ordering::Relaxed),
-                        s.idle_since.load(Ordering::Relaxed),
-                    )
-                })
-                .cloned();
-            match victim {
+            match idlest(&table) {
                 Some(victim) => {
                     victim.close();
                     if let Some(before) = SHED.note() {
@@ -279,17 +267,7 @@ impl Shared {
     /// Closes the connection idle longest, if any: called when accept(2)
     /// runs out of file descriptors.
     fn shed_one(&self) -> bool {
-        let table = self.table();
-        let victim = table
-            .values()
-            .filter(|s| !s.is_closing() && s.is_idle())
-            .min_by_key(|s| {
-                (
-                    s.handshaken.load(Ordering::Relaxed),
-                    s.idle_since.load(Ordering::Relaxed),
-                )
-            });
-        victim.map(|s| s.close()).is_some()
+        idlest(&self.table()).map(|s| s.close()).is_some()
     }
 
     /// Closes what is past its timeouts; how many for each.
@@ -313,6 +291,21 @@ impl Shared {
         }
         (handshake, idle)
     }
+}
+
+/// The connection that has done nothing longest, to close when room is
+/// needed: one that never finished its handshake first, then the one idle
+/// longest. None when every connection has a call open.
+fn idlest(table: &HashMap<u64, Arc<State>>) -> Option<&Arc<State>> {
+    table
+        .values()
+        .filter(|s| !s.is_closing() && s.is_idle())
+        .min_by_key(|s| {
+            (
+                s.handshaken.load(Ordering::Relaxed),
+                s.idle_since.load(Ordering::Relaxed),
+            )
+        })
 }
 
 /// The connections accepted on `listener`: callers the allow-list refuses
