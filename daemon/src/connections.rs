@@ -359,7 +359,10 @@ impl Accept {
                     continue;
                 }
                 Err(e) => {
+                    // A connection gone before it was accepted; anything
+                    // that repeats still must not spin.
                     debug!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF_INITIAL).await;
                     continue;
                 }
             };
