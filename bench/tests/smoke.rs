@@ -3,7 +3,8 @@
 //! floor, the sidecar, memory, fan-out, the scale row, the ProxyStore anchor
 //! and the sidecar through the Python relay) with tiny counts, and must exit
 //! 0 and write every row as JSON. No figure is checked: timings belong to
-//! `scripts/bench`, not to the test suite.
+//! `scripts/bench`, not to the test suite. And `scripts/bench --help`
+//! answers without building anything.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -172,4 +173,26 @@ fn quick_bench_writes_every_row() {
             assert!(reference.starts_with("raw_processes."), "{row}");
         }
     }
+}
+
+#[test]
+fn scripts_bench_help_builds_nothing() {
+    let target = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(repo_root().join("scripts/bench"))
+        .arg("--help")
+        .env("CARGO_TARGET_DIR", target.path())
+        .output()
+        .expect("run scripts/bench --help");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "scripts/bench --help failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("--quick"), "no usage:\n{stdout}");
+    let built: Vec<_> = std::fs::read_dir(target.path())
+        .expect("target dir")
+        .collect();
+    assert!(built.is_empty(), "--help built into {built:?}");
 }
