@@ -1,6 +1,6 @@
 """The ProxyStore anchor of the benchmark: a pair of REAL ProxyStore clients.
 
-`relay-sidecar-bench` (daemon/src/bin/relay-sidecar-bench.rs) runs this with
+`relay-sidecar-bench` (bench/src/python.rs) runs this with
 the interpreter of the project's `.venv` (proxystore 1.1.0), against a real
 `proxystore-relay` that the bench started, and reads one JSON object from
 stdout. It is what a user without the sidecar would run: two
