@@ -72,7 +72,8 @@ fn python() -> PathBuf {
 /// The daemon binary, built now by the Cargo running this test, so that it
 /// is never an older build left in the target directory.
 fn daemon() -> PathBuf {
-    let output = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
         .args([
             "build",
             "--quiet",
@@ -82,9 +83,27 @@ fn daemon() -> PathBuf {
             "relay-sidecar",
         ])
         .arg("--message-format=json-render-diagnostics")
-        .current_dir(repo_root())
-        .output()
-        .expect("run cargo build");
+        .current_dir(repo_root());
+    // What Cargo set for this test is not the build's environment: ring's
+    // build script watches CARGO_MANIFEST_DIR, and a value here would
+    // rebuild ring and all above it, and again at the next plain build.
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_MANIFEST_"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            cargo.env_remove(&key);
+        }
+    }
+    let output = cargo.output().expect("run cargo build");
     assert!(
         output.status.success(),
         "cargo build -p relay-sidecar failed:\n{}",
