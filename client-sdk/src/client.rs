@@ -1,7 +1,9 @@
 //! The [`Client`] handle and the streams it opens.
 
+use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -20,6 +22,8 @@ use crate::{DescriptionType, Error, PeerMessage, Status};
 pub struct Client {
     inner: RelaySidecarClient<Channel>,
     worker: Option<String>,
+    /// The socket it was connected to, for messages.
+    socket: Option<PathBuf>,
 }
 
 /// One message for [`Client::send_stream`].
@@ -130,7 +134,19 @@ impl Client {
         Client {
             inner: RelaySidecarClient::new(channel),
             worker: None,
+            socket: None,
         }
+    }
+
+    /// This handle, remembering the socket it was connected to.
+    pub(crate) fn at(mut self, socket: PathBuf) -> Self {
+        self.socket = Some(socket);
+        self
+    }
+
+    /// The socket this client was connected to, when it was connected by path.
+    pub fn socket(&self) -> Option<&std::path::Path> {
+        self.socket.as_deref()
     }
 
     /// This handle with a worker label, sent with every send and subscribe
@@ -233,8 +249,14 @@ impl Client {
     ///
     /// Every `group` receives each message once, shared among the
     /// subscriptions in it; `None` is a group of its own that receives every
-    /// message. The stream outlives relay reconnects and ends only when it is
-    /// dropped or the daemon stops.
+    /// message. The stream outlives relay reconnects, and a restart of the
+    /// daemon: when the daemon stops, the subscription waits up to
+    /// [`RESUME_WITHIN`] (see [`Subscription::resume_within`]) for a daemon
+    /// with the same identity to answer on the same socket and subscribes
+    /// again. Messages that reached the host while no daemon ran are not
+    /// delivered (the relay bounced them to their senders). If none comes
+    /// back in time, or one with another identity does, the stream yields
+    /// [`Error::SubscriptionLost`] and ends.
     pub async fn subscribe(&self, group: Option<&str>) -> Result<Subscription, Error> {
         let mut options = SubscribeOptions::new();
         options.group = group.map(str::to_owned);
@@ -249,8 +271,22 @@ impl Client {
             worker: self.worker.clone().unwrap_or_default(),
             exclusive: options.exclusive,
         };
-        let inner = self.inner.clone().subscribe(request).await?.into_inner();
-        Ok(Subscription { inner })
+        // The identity a resumed subscription must find again.
+        let uuid = self.status().await?.uuid;
+        let inner = self
+            .inner
+            .clone()
+            .subscribe(request.clone())
+            .await?
+            .into_inner();
+        Ok(Subscription {
+            client: self.clone(),
+            request,
+            uuid,
+            resume_within: RESUME_WITHIN,
+            resumed: 0,
+            state: Receiving::Open(inner),
+        })
     }
 
     /// The daemon's identity, connection state and counters.
@@ -283,31 +319,178 @@ impl Client {
     }
 }
 
-/// Inbound messages from [`Client::subscribe`]: a
-/// [`Stream`] of `Result<PeerMessage, Error>`.
-#[derive(Debug)]
+/// How long a [`Subscription`] waits, by default, for its daemon to come
+/// back after it stopped: a restart (by systemd, which waits 2 s, or by a
+/// job script) takes a few seconds, and a worker whose daemon is gone for
+/// good learns it within half a minute.
+pub const RESUME_WITHIN: Duration = Duration::from_secs(30);
+/// The first pause between attempts to subscribe again, doubled per attempt
+/// up to [`RESUME_RETRY_MAX`]: a local socket answers at once when a daemon
+/// is there, so trying often costs little.
+const RESUME_RETRY_FIRST: Duration = Duration::from_millis(50);
+const RESUME_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Inbound messages from [`Client::subscribe`]: a [`Stream`] of
+/// `Result<PeerMessage, Error>` that resumes after a restart of the daemon.
 pub struct Subscription {
-    inner: tonic::Streaming<v1::SubscribeResponse>,
+    client: Client,
+    request: v1::SubscribeRequest,
+    uuid: Uuid,
+    resume_within: Duration,
+    resumed: u64,
+    state: Receiving,
+}
+
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per subscription, and Open is the usual state: boxing it would add an indirection to every message for nothing"
+)]
+enum Receiving {
+    Open(tonic::Streaming<v1::SubscribeResponse>),
+    Reopening(Pin<Box<dyn Future<Output = Result<Reopened, Error>> + Send>>),
+    Ended,
+}
+
+type Reopened = tonic::Streaming<v1::SubscribeResponse>;
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            Receiving::Open(_) => "open",
+            Receiving::Reopening(_) => "reopening",
+            Receiving::Ended => "ended",
+        };
+        f.debug_struct("Subscription")
+            .field("group", &self.request.group)
+            .field("uuid", &self.uuid)
+            .field("resume_within", &self.resume_within)
+            .field("resumed", &self.resumed)
+            .field("state", &state)
+            .finish()
+    }
 }
 
 impl Subscription {
-    /// The next message, or `None` once the daemon has ended the stream.
+    /// The next message, or `None` once the stream has ended.
     pub async fn next_message(&mut self) -> Result<Option<PeerMessage>, Error> {
-        self.inner
-            .message()
-            .await?
-            .map(TryInto::try_into)
-            .transpose()
+        use futures_util::StreamExt;
+        self.next().await.transpose()
     }
+
+    /// How long to wait for the daemon to come back after it stopped
+    /// (default [`RESUME_WITHIN`]); zero: not at all, the stream yields
+    /// [`Error::SubscriptionLost`] at once.
+    pub fn resume_within(mut self, within: Duration) -> Self {
+        self.resume_within = within;
+        self
+    }
+
+    /// How many times this subscription was opened again after its daemon
+    /// stopped.
+    pub fn resumed(&self) -> u64 {
+        self.resumed
+    }
+
+    /// Starts waiting for a daemon to subscribe to again, after `why`.
+    fn reopen(&mut self, why: String) {
+        let client = self.client.clone();
+        let request = self.request.clone();
+        let (uuid, within) = (self.uuid, self.resume_within);
+        self.state = Receiving::Reopening(Box::pin(async move {
+            let lost = |last: &str| {
+                let at = client
+                    .socket
+                    .as_ref()
+                    .map(|p| format!(" at {}", p.display()))
+                    .unwrap_or_default();
+                Error::SubscriptionLost(format!(
+                    "the daemon{at} {why}, and none answered again within {within:?} (last: {last})"
+                ))
+            };
+            if within.is_zero() {
+                return Err(lost("not waited for"));
+            }
+            let deadline = tokio::time::Instant::now() + within;
+            let mut pause = RESUME_RETRY_FIRST;
+            loop {
+                let last = match client.resubscribe(&request, uuid).await {
+                    Ok(inner) => return Ok(inner),
+                    Err(e @ (Error::Unavailable(_) | Error::Unconfirmed(_))) => e.to_string(),
+                    Err(e) => return Err(e),
+                };
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(lost(&last));
+                }
+                tokio::time::sleep(pause.min(deadline - now)).await;
+                pause = (pause * 2).min(RESUME_RETRY_MAX);
+            }
+        }));
+    }
+}
+
+impl Client {
+    /// Subscribes again with `request`, if the daemon answering now is still
+    /// the peer `uuid`.
+    async fn resubscribe(
+        &self,
+        request: &v1::SubscribeRequest,
+        uuid: Uuid,
+    ) -> Result<Reopened, Error> {
+        let now = self.status().await?.uuid;
+        if now != uuid {
+            return Err(Error::SubscriptionLost(format!(
+                "the daemon came back as another peer ({now}, was {uuid}); subscribe again to use it"
+            )));
+        }
+        Ok(self
+            .inner
+            .clone()
+            .subscribe(request.clone())
+            .await?
+            .into_inner())
+    }
+}
+
+/// Whether a failed stream means the daemon went away (rather than refusing
+/// this subscription).
+fn daemon_gone(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+    )
 }
 
 impl Stream for Subscription {
     type Item = Result<PeerMessage, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.inner)
-            .poll_next(cx)
-            .map(|item| item.map(|r| r.map_err(Error::from).and_then(TryInto::try_into)))
+        loop {
+            match &mut self.state {
+                Receiving::Open(inner) => match ready!(Pin::new(inner).poll_next(cx)) {
+                    Some(Ok(message)) => return Poll::Ready(Some(message.try_into())),
+                    Some(Err(status)) if daemon_gone(&status) => {
+                        self.reopen(format!("stopped ({})", status.message()));
+                    }
+                    Some(Err(status)) => {
+                        self.state = Receiving::Ended;
+                        return Poll::Ready(Some(Err(status.into())));
+                    }
+                    None => self.reopen("ended the stream".to_owned()),
+                },
+                Receiving::Reopening(reopening) => match ready!(reopening.as_mut().poll(cx)) {
+                    Ok(inner) => {
+                        self.resumed += 1;
+                        self.state = Receiving::Open(inner);
+                    }
+                    Err(e) => {
+                        self.state = Receiving::Ended;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                Receiving::Ended => return Poll::Ready(None),
+            }
+        }
     }
 }
 

@@ -20,6 +20,15 @@ pub enum Error {
         /// The underlying I/O error.
         source: std::io::Error,
     },
+    /// No daemon answered at any socket the shared rule names
+    /// ([`crate::paths`]): the message lists each path tried, why it did not
+    /// answer, and how to choose a daemon.
+    #[error("{0}")]
+    NoDaemon(crate::NoDaemon),
+    /// A subscription's daemon stopped and did not come back within the
+    /// subscription's bound, or came back as another peer; the stream ends.
+    #[error("subscription lost: {0}")]
+    SubscriptionLost(String),
     /// A request field is malformed or too large; nothing was sent
     /// (`INVALID_ARGUMENT`). Also returned locally when a string does not
     /// parse as one of the SDK's enums.

@@ -1,6 +1,7 @@
 //! Drives the SDK against a fake daemon: a real tonic server on a real Unix
 //! socket, answering with canned replies and recording what it was sent.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ const FAILED_PEER: Uuid = Uuid::nil();
 
 /// What the fake daemon saw, one line per request.
 #[derive(Debug, Default, Clone)]
-struct Seen(Arc<Mutex<Vec<String>>>);
+struct Seen(Arc<Mutex<Vec<String>>>, Arc<AtomicBool>);
 
 impl Seen {
     fn push(&self, line: String) {
@@ -28,6 +29,11 @@ impl Seen {
     }
     fn take(&self) -> Vec<String> {
         std::mem::take(&mut self.0.lock().unwrap())
+    }
+    /// From now on, answer as another peer (a daemon that came back with a
+    /// new identity).
+    fn become_another_peer(&self) {
+        self.1.store(true, Ordering::SeqCst);
     }
 }
 
@@ -66,7 +72,11 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
         &self,
         _: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::GetStatusResponse>, tonic::Status> {
-        Ok(Response::new(status(v1::ConnectionState::Registered)))
+        let mut status = status(v1::ConnectionState::Registered);
+        if (self.0).1.load(Ordering::SeqCst) {
+            status.uuid = PEER.into();
+        }
+        Ok(Response::new(status))
     }
 
     type WatchStatusStream = BoxStream<v1::WatchStatusResponse>;
@@ -126,6 +136,8 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
             "subscribe group={:?} worker={:?}",
             r.group, r.worker
         ));
+        // Each subscription gets two messages, then the stream ends as it
+        // does when the daemon stops.
         let items = [
             Ok(peer_message("hello", false)),
             Ok(peer_message("back", true)),
@@ -144,25 +156,61 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
 /// Starts the fake on a socket in a fresh temp dir; records each request's
 /// `:authority` as well.
 async fn start() -> (tempfile::TempDir, std::path::PathBuf, Seen) {
+    let (dir, path, seen, fake) = start_serving();
+    // Serving until the test ends.
+    std::mem::forget(fake);
+    (dir, path, seen)
+}
+
+/// A fake serving on a runtime of its own, so that stopping it drops every
+/// connection at once, as a daemon that dies does.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn kill(self) {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap();
+    }
+}
+
+/// [`start`], with the means to stop the fake.
+fn start_serving() -> (tempfile::TempDir, std::path::PathBuf, Seen, Running) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.sock");
-    let incoming = UnixListenerStream::new(UnixListener::bind(&path).unwrap());
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
     let seen = Seen::default();
+    let fake = Fake(seen.clone());
     let authority = seen.clone();
-    let record = tower::ServiceBuilder::new().map_request(
-        move |req: tonic::codegen::http::Request<tonic::body::Body>| {
-            authority.push(format!(
-                "authority {:?}",
-                req.uri().authority().map(|a| a.as_str())
-            ));
-            req
-        },
-    );
-    let router = Server::builder()
-        .layer(record)
-        .add_service(RelaySidecarServer::new(Fake(seen.clone())));
-    tokio::spawn(router.serve_with_incoming(incoming));
-    (dir, path, seen)
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let incoming = UnixListenerStream::new(UnixListener::from_std(listener).unwrap());
+            let record = tower::ServiceBuilder::new().map_request(
+                move |req: tonic::codegen::http::Request<tonic::body::Body>| {
+                    authority.push(format!(
+                        "authority {:?}",
+                        req.uri().authority().map(|a| a.as_str())
+                    ));
+                    req
+                },
+            );
+            let router = Server::builder()
+                .layer(record)
+                .add_service(RelaySidecarServer::new(fake));
+            tokio::spawn(router.serve_with_incoming(incoming));
+            let _ = stopped.await;
+        });
+        // Dropping the runtime drops every connection task with it.
+    });
+    (dir, path, seen, Running { stop, thread })
 }
 
 #[tokio::test]
@@ -241,7 +289,11 @@ async fn streams_yield_domain_types() {
         [ConnectionState::Connecting, ConnectionState::Registered]
     );
 
-    let mut sub = client.subscribe(Some("g")).await.unwrap();
+    let mut sub = client
+        .subscribe(Some("g"))
+        .await
+        .unwrap()
+        .resume_within(Duration::ZERO);
     let first = sub.next_message().await.unwrap().unwrap();
     assert_eq!(
         (first.description.as_str(), first.bounced, first.kind()),
@@ -252,9 +304,81 @@ async fn streams_yield_domain_types() {
         (second.error.as_deref(), second.bounced),
         (Some("unknown peer"), true)
     );
+    // The daemon ended the stream; not waiting for it to come back, the
+    // subscription says so, then ends.
+    let err = sub.next_message().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::SubscriptionLost(m) if m.contains("ended the stream")),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
     assert!(sub.next_message().await.unwrap().is_none());
     assert!(
         seen.take()
             .contains(&"subscribe group=\"g\" worker=\"w1\"".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_subscription_resumes_when_its_stream_ends() {
+    let (_dir, path, seen) = start().await;
+    let client = connect(&path).await.unwrap().with_worker("w1");
+    let mut sub = client.subscribe(Some("g")).await.unwrap();
+    let mut texts = Vec::new();
+    for _ in 0..4 {
+        texts.push(sub.next_message().await.unwrap().unwrap().description);
+    }
+    assert_eq!(texts, ["hello", "back", "hello", "back"]);
+    assert_eq!(sub.resumed(), 1);
+    let subscribes = seen
+        .take()
+        .into_iter()
+        .filter(|l| l == "subscribe group=\"g\" worker=\"w1\"")
+        .count();
+    assert_eq!(subscribes, 2, "the same group and worker, subscribed again");
+}
+
+#[tokio::test]
+async fn a_daemon_gone_for_good_ends_the_subscription_with_an_error() {
+    let (_dir, path, _seen, fake) = start_serving();
+    let client = connect(&path).await.unwrap();
+    let mut sub = client
+        .subscribe(None)
+        .await
+        .unwrap()
+        .resume_within(Duration::from_millis(300));
+    fake.kill();
+    std::fs::remove_file(&path).unwrap();
+    let mut outcome = Vec::new();
+    while let Some(item) = sub.next().await {
+        outcome.push(item.map(|m| m.description));
+    }
+    let (last, delivered) = outcome.split_last().unwrap();
+    assert!(delivered.len() <= 2, "{outcome:?}");
+    let err = last.as_ref().unwrap_err();
+    assert!(
+        matches!(err, Error::SubscriptionLost(m) if m.contains("within 300ms")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_daemon_back_as_another_peer_ends_the_subscription() {
+    let (_dir, path, seen) = start().await;
+    let client = connect(&path).await.unwrap();
+    let mut sub = client.subscribe(None).await.unwrap();
+    seen.become_another_peer();
+    let mut outcome = Vec::new();
+    while let Some(item) = sub.next().await {
+        outcome.push(item.map(|m| m.description));
+    }
+    assert_eq!(outcome.len(), 3, "{outcome:?}");
+    let err = outcome[2].as_ref().unwrap_err();
+    assert!(
+        matches!(err, Error::SubscriptionLost(m) if m.contains("another peer") && m.contains(PEER)),
+        "{err:?}"
     );
 }

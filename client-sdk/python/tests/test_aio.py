@@ -124,3 +124,30 @@ def test_cancelled_subscription_stops_iteration(daemon: Daemon) -> None:
 def test_missing_socket_is_a_connect_error(tmp_path) -> None:
     with pytest.raises(relay_sidecar.ConnectError, match="absent.sock"):
         relay_sidecar.aio.Client(tmp_path / "absent.sock")
+
+
+def test_a_subscription_resumes_after_the_daemon_restarts(daemon: Daemon) -> None:
+    async def main() -> None:
+        async with relay_sidecar.aio.Client(daemon.socket) as client:
+            async with await client.subscribe(timeout=60) as messages:
+                await asyncio.get_running_loop().run_in_executor(None, daemon.stop)
+                await asyncio.get_running_loop().run_in_executor(None, daemon.start)
+                await client.send(daemon.uuid, "offer", "after the restart")
+                message = await messages.__anext__()
+                assert message.description == "after the restart"
+                assert messages.resumed == 1
+
+    asyncio.run(main())
+
+
+def test_a_daemon_gone_for_good_fails_the_loop(daemon: Daemon) -> None:
+    async def main() -> None:
+        async with relay_sidecar.aio.Client(daemon.socket) as client:
+            messages = await client.subscribe(timeout=60, resume=1)
+            await asyncio.get_running_loop().run_in_executor(None, daemon.stop)
+            with pytest.raises(relay_sidecar.SubscriptionLostError) as lost:
+                async for _ in messages:
+                    pass
+            assert "ended the stream" in str(lost.value) and "within 1s" in str(lost.value)
+
+    asyncio.run(main())

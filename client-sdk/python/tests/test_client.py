@@ -4,6 +4,9 @@ with ProxyStore's own RelayClient as the remote peer."""
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -132,11 +135,73 @@ def test_displaced_registration_fails_sends_until_reconnect(
             next(s for s in statuses if s.state is ConnectionState.REGISTERED)
 
 
-def test_subscription_ends_when_the_daemon_stops(daemon: Daemon) -> None:
+def test_a_subscription_resumes_after_the_daemon_restarts(daemon: Daemon) -> None:
     with relay_sidecar.Client(daemon.socket) as client:
-        messages = client.subscribe(timeout=20)
+        messages = client.subscribe(timeout=60)
         daemon.stop()
+        daemon.start()
+        # Sent while no subscription is open again: the daemon keeps it for
+        # the first subscriber, the resumed one.
+        client.send(daemon.uuid, "offer", "after the restart")
+        message = next(messages)
+        assert message.description == "after the restart"
+        assert messages.resumed == 1
+        messages.cancel()
+
+
+def test_a_daemon_gone_for_good_fails_the_loop(daemon: Daemon) -> None:
+    with relay_sidecar.Client(daemon.socket) as client:
+        messages = client.subscribe(timeout=60, resume=1)
+        daemon.stop()
+        with pytest.raises(relay_sidecar.SubscriptionLostError) as lost:
+            for _ in messages:
+                pass
+        assert f"the daemon at {daemon.socket} ended the stream" in str(lost.value)
+        assert "within 1s" in str(lost.value)
+        assert isinstance(lost.value, relay_sidecar.UnavailableError)
         assert list(messages) == []
+
+
+def test_a_daemon_back_as_another_peer_fails_the_loop(daemon: Daemon) -> None:
+    with relay_sidecar.Client(daemon.socket) as client:
+        messages = client.subscribe(timeout=60)
+        before = daemon.uuid
+        daemon.stop()
+        daemon.uuid = uuid.uuid4()
+        daemon.start()
+        with pytest.raises(relay_sidecar.SubscriptionLostError, match="another peer") as lost:
+            next(messages)
+        assert str(before) in str(lost.value) and str(daemon.uuid) in str(lost.value)
+
+
+def test_a_worker_loop_exits_non_zero_when_its_daemon_is_gone(daemon: Daemon) -> None:
+    # The shape of a worker: iterate until the daemon is gone.
+    worker = (
+        "import faulthandler, relay_sidecar, sys\n"
+        # A hang shows where, rather than only that.
+        "faulthandler.dump_traceback_later(30, exit=True)\n"
+        f"with relay_sidecar.Client({daemon.socket!r}) as client:\n"
+        "    with client.subscribe(resume=1) as messages:\n"
+        "        print('subscribed', flush=True)\n"
+        "        for m in messages:\n"
+        "            pass\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", worker],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "subscribed\n"
+        daemon.stop()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert "Timeout" not in stderr, f"the worker hung:\n{stderr}"
+    assert process.returncode != 0
+    assert "SubscriptionLostError" in stderr and "within 1s" in stderr, stderr
 
 
 def test_missing_socket_is_a_connect_error(tmp_path) -> None:
@@ -148,21 +213,46 @@ def test_missing_socket_is_a_connect_error(tmp_path) -> None:
     assert str(path) in str(err.value)
 
 
-def test_default_socket_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    path = relay_sidecar.default_socket_path
-    assert path({"RELAY_SIDECAR_SOCKET": "/tmp/x.sock", "RUNTIME_DIRECTORY": "/run/a"}) == (
+def test_default_socket_path_follows_the_shared_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    candidates = relay_sidecar.socket_candidates
+    assert candidates({"RELAY_SIDECAR_SOCKET": "/tmp/x.sock", "XDG_RUNTIME_DIR": "/r"}, 1000) == [
         "/tmp/x.sock"
-    )
-    assert path({"RELAY_SIDECAR_SOCKET": "", "RUNTIME_DIRECTORY": "/run/a"}) == (
-        "/run/a/relay.sock"
-    )
-    assert path({"RUNTIME_DIRECTORY": "/run/a:/run/b"}) == "/run/a/relay.sock"
-    assert path({"RUNTIME_DIRECTORY": ""}) == "/run/relay-sidecar/relay.sock"
-    assert path({}) == "/run/relay-sidecar/relay.sock"
+    ]
+    assert candidates({"RELAY_SIDECAR_SOCKET": "", "XDG_RUNTIME_DIR": "/run/user/1000"}, 1000) == [
+        "/run/user/1000/relay-sidecar/relay.sock",
+        "/tmp/relay-sidecar-1000/relay.sock",
+        "/run/relay-sidecar/relay.sock",
+    ]
+    # A client never reads RUNTIME_DIRECTORY: that is its own service's.
+    assert candidates({"RUNTIME_DIRECTORY": "/run/a"}, 0) == ["/run/relay-sidecar/relay.sock"]
+    assert candidates({"RELAY_SIDECAR_JOB": "77"}, 1000) == [
+        "/tmp/relay-sidecar-1000/job-77/relay.sock"
+    ]
+    with pytest.raises(ValueError, match="job label"):
+        candidates({"RELAY_SIDECAR_JOB": "../x"}, 1000)
+    assert relay_sidecar.default_socket_path({"RELAY_SIDECAR_SOCKET": "/a.sock"}) == "/a.sock"
 
     monkeypatch.setenv(relay_sidecar.SOCKET_ENV, "/nonexistent/relay.sock")
-    with pytest.raises(relay_sidecar.ConnectError, match="/nonexistent/relay.sock"):
+    with pytest.raises(relay_sidecar.ConnectError, match="came from RELAY_SIDECAR_SOCKET") as err:
         relay_sidecar.Client()
+    assert "/nonexistent/relay.sock (no such socket)" in str(err.value)
+
+
+def test_no_daemon_names_every_path_tried(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv(relay_sidecar.SOCKET_ENV, raising=False)
+    monkeypatch.delenv(relay_sidecar.JOB_ENV, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    tried = relay_sidecar.socket_candidates()
+    if any(os.path.exists(path) for path in tried):
+        pytest.fail(f"a daemon's socket exists on this host: {tried}")
+    with pytest.raises(relay_sidecar.ConnectError) as err:
+        relay_sidecar.Client()
+    message = str(err.value)
+    for path in tried:
+        assert f"{path} (no such socket)" in message
+    assert "relay-sidecar start --relay-url URL" in message
+    assert "RELAY_SIDECAR_SOCKET=PATH" in message
+    assert [path for path, _ in err.value.tried] == tried
 
 
 def test_an_exclusive_group_is_held_until_its_subscription_ends(daemon: Daemon) -> None:

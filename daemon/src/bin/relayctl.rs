@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{Stream, StreamExt};
 use relay_sidecar_client::{
-    DescriptionType, Error, PeerMessage, SOCKET_ENV, SendOptions, Status, default_socket_path,
+    Client, DescriptionType, Error, NoDaemon, PeerMessage, SendOptions, Status, paths,
 };
 use serde_json::{Value, json};
 use tracing_subscriber::fmt::{
@@ -27,9 +27,15 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The daemon's socket [default: $RUNTIME_DIRECTORY/relay.sock, else /run/relay-sidecar/relay.sock]
-    #[arg(long, global = true, env = SOCKET_ENV, value_name = "PATH")]
+    /// The daemon's socket [default: $RELAY_SIDECAR_SOCKET, else the first
+    /// that answers of your own daemon's ($XDG_RUNTIME_DIR/relay-sidecar/relay.sock,
+    /// /tmp/relay-sidecar-$UID/relay.sock) and the system service's
+    /// (/run/relay-sidecar/relay.sock)]
+    #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// The daemon of a job, as started with --job LABEL [default: $RELAY_SIDECAR_JOB]
+    #[arg(long, global = true, value_name = "LABEL")]
+    job: Option<String>,
     /// Print JSON, one object per line.
     #[arg(long, global = true)]
     json: bool,
@@ -85,8 +91,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let path = cli.socket.unwrap_or_else(default_socket_path);
-    let client = relay_sidecar_client::connect(path).await?;
+    let client = connect(cli.socket, cli.job).await?;
     let client = match cli.worker {
         Some(worker) => client.with_worker(worker),
         None => client,
@@ -136,6 +141,22 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Reconnect => client.reconnect().await?,
     }
     Ok(())
+}
+
+/// The daemon at `socket`, else the one the shared rule finds (for `job`).
+async fn connect(socket: Option<PathBuf>, job: Option<String>) -> Result<Client, Error> {
+    let Some(path) = socket else {
+        let mut env = paths::Environment::current();
+        env.job = job.or(env.job);
+        return relay_sidecar_client::connect_by_rule(&env).await;
+    };
+    match relay_sidecar_client::connect(&path).await {
+        Err(Error::Connect { path, source }) => Err(Error::NoDaemon(NoDaemon {
+            tried: vec![(path, source)],
+            named: false,
+        })),
+        other => other,
+    }
 }
 
 /// Hands each item to `each` until it returns false or Ctrl-C; the daemon

@@ -7,7 +7,7 @@ identity::
 
     import relay_sidecar
 
-    with relay_sidecar.Client() as client:  # $RELAY_SIDECAR_SOCKET or the default
+    with relay_sidecar.Client() as client:  # $RELAY_SIDECAR_SOCKET, else yours or the host's
         print("we are", client.status().uuid)
         with client.subscribe() as messages:
             client.send(peer_uuid, "offer", "v=0 ...")
@@ -24,9 +24,10 @@ from __future__ import annotations
 import importlib.metadata
 
 from . import aio
+from ._paths import JOB_ENV, socket_candidates
 from ._socket import SOCKET_ENV, default_socket_path
 from ._types import ConnectionState, Counters, DescriptionType, PeerMessage, Status
-from .client import Client, StatusStream, Subscription
+from .client import RESUME_WITHIN, Client, StatusStream, Subscription
 from .errors import (
     AlreadyExistsError,
     ConnectError,
@@ -36,6 +37,7 @@ from .errors import (
     ProtocolError,
     RelaySidecarError,
     StatusError,
+    SubscriptionLostError,
     UnavailableError,
     UnconfirmedError,
 )
@@ -46,6 +48,8 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "JOB_ENV",
+    "RESUME_WITHIN",
     "SOCKET_ENV",
     "aio",
     "AlreadyExistsError",
@@ -64,7 +68,9 @@ __all__ = [
     "StatusError",
     "StatusStream",
     "Subscription",
+    "SubscriptionLostError",
     "UnavailableError",
     "UnconfirmedError",
     "default_socket_path",
+    "socket_candidates",
 ]

@@ -13,6 +13,7 @@ The same calls as ``relay_sidecar.Client``, as coroutines::
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from types import TracebackType
 from typing import Any, AsyncIterator, Callable, Generic, Optional, Type, TypeVar, Union
@@ -23,8 +24,9 @@ import grpc.aio
 from . import _convert
 from ._proto.relay_sidecar.v1 import relay_sidecar_pb2 as pb
 from ._proto.relay_sidecar.v1 import relay_sidecar_pb2_grpc as pb_grpc
-from ._socket import CHANNEL_OPTIONS, PathLike, probe, resolve, target
+from ._socket import CHANNEL_OPTIONS, PathLike, find, target
 from ._types import DescriptionType, PeerMessage, Status
+from .client import _DAEMON_GONE, RESUME_WITHIN, _Refused, _Resumer, _Resuming
 from .errors import from_rpc_error, from_status
 
 __all__ = ["Client", "StatusStream", "Subscription"]
@@ -60,21 +62,32 @@ class _Stream(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        if self._cancelled:
+        while True:
+            if self._cancelled:
+                raise StopAsyncIteration
+            try:
+                item = await self._call.read()
+            except asyncio.CancelledError:
+                # grpc.aio reports its own cancel() as CancelledError; a cancel of
+                # the awaiting task must still propagate.
+                if self._cancelled and self._call.cancelled():
+                    raise StopAsyncIteration from None
+                raise
+            except grpc.RpcError as e:
+                if e.code() in _DAEMON_GONE and not self._cancelled:
+                    await self._gone(f"stopped ({e.details()})", e)
+                    continue
+                raise from_rpc_error(e) from None
+            if item is grpc.aio.EOF:
+                await self._gone("ended the stream", None)
+                continue
+            return self._convert(item)
+
+    async def _gone(self, why: str, error: Optional[grpc.RpcError]) -> None:
+        """The daemon ended the stream or went away: here the stream ends."""
+        if error is None:
             raise StopAsyncIteration
-        try:
-            item = await self._call.read()
-        except asyncio.CancelledError:
-            # grpc.aio reports its own cancel() as CancelledError; a cancel of
-            # the awaiting task must still propagate.
-            if self._cancelled and self._call.cancelled():
-                raise StopAsyncIteration from None
-            raise
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        if item is grpc.aio.EOF:
-            raise StopAsyncIteration
-        return self._convert(item)
+        raise from_rpc_error(error) from None
 
     def cancel(self) -> None:
         """Ends the stream; a pending or later ``__anext__`` stops iteration."""
@@ -97,9 +110,48 @@ class _Stream(Generic[T]):
         self.cancel()
 
 
-class Subscription(_Stream[PeerMessage]):
+class Subscription(_Resuming, _Stream[PeerMessage]):
     """Inbound messages and bounces from ``Client.subscribe()``: an async
-    iterator of ``PeerMessage`` and an async context manager that cancels it."""
+    iterator of ``PeerMessage`` and an async context manager that cancels it.
+
+    Like ``relay_sidecar.Subscription``, it outlives a restart of the daemon
+    (within ``resume`` seconds) and raises ``SubscriptionLostError`` when no
+    daemon with the same identity comes back in time.
+    """
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, resumer: _Resumer) -> None:
+        super().__init__(call, _convert.peer_message)
+        self._resumer = resumer
+
+    async def _gone(self, why: str, error: Optional[grpc.RpcError]) -> None:
+        resumer = self._resumer
+        if resumer.past_deadline():
+            await super()._gone(why, error)
+        try:
+            resumer.begin(why)
+            while True:
+                left = resumer.left()
+                try:
+                    self._call = await self._reopen(left)
+                except grpc.RpcError as e:
+                    await asyncio.sleep(resumer.failed(e))
+                    continue
+                resumer.done()
+                return
+        except BaseException:
+            self._cancelled = True
+            raise
+
+    async def _reopen(self, within: float) -> grpc.aio.UnaryStreamCall:
+        stub = self._resumer.client._stub
+        status = await stub.GetStatus(pb.GetStatusRequest(), timeout=within, wait_for_ready=True)
+        self._resumer.same_peer(status)
+        timeout = self._resumer.call_timeout()
+        call = stub.Subscribe(self._resumer.request, timeout=timeout, wait_for_ready=True)
+        await call.initial_metadata()
+        if call.done() and await call.code() != grpc.StatusCode.OK:
+            raise _Refused(await call.code(), await call.details())
+        return call
 
 
 class StatusStream(_Stream[Status]):
@@ -117,9 +169,10 @@ class Client:
     socket path.
 
     Args:
-        socket_path: The daemon's Unix socket; ``None`` for
-            ``default_socket_path()`` (``$RELAY_SIDECAR_SOCKET``, then the
-            daemon's default).
+        socket_path: The daemon's Unix socket; ``None``: by the shared rule,
+            ``$RELAY_SIDECAR_SOCKET`` when set, else the first that answers
+            of the user's own daemon's and the system service's (see
+            ``relay_sidecar.default_socket_path()``).
         worker: A label sent with every send and subscribe made through this
             client. Replies from a peer go preferably to the subscription of
             the worker that last sent to it; without a label the calling
@@ -134,9 +187,8 @@ class Client:
     def __init__(
         self, socket_path: Optional[PathLike] = None, *, worker: Optional[str] = None
     ) -> None:
-        self.socket_path = resolve(socket_path)
+        self.socket_path = find(socket_path)
         self.worker = worker
-        probe(self.socket_path)
         self._channel: Optional[grpc.aio.Channel] = None
         self._stub_: Optional[pb_grpc.RelaySidecarStub] = None
 
@@ -233,31 +285,39 @@ class Client:
         *,
         exclusive: bool = False,
         timeout: Optional[float] = None,
+        resume: float = RESUME_WITHIN,
     ) -> Subscription:
         """Opens a stream of inbound messages and bounces.
 
         Returns once the daemon has registered the subscription. Every
         ``group`` receives each message once, shared among the subscriptions
         in it; ``None`` is a group of its own that receives every message. The
-        stream outlives relay reconnects and ends only when it is cancelled,
-        the daemon stops, or ``timeout`` seconds (a deadline for the whole
-        stream) pass.
+        stream outlives relay reconnects and restarts of the daemon (within
+        ``resume`` seconds), and ends only when it is cancelled or
+        ``timeout`` seconds (a deadline for the whole stream) pass.
 
         With ``exclusive``, the subscription holds ``group`` alone while it is
         open (for a service that must run once per host): it is refused with
         ``AlreadyExistsError`` while the group has another subscription, and
-        so is every other subscription to the group until this one ends.
+        so is every other subscription to the group until this one ends. A
+        resumed subscription holds it again.
 
         Raises:
             AlreadyExistsError: ``exclusive`` and the group is in use, or the
                 group is held exclusively by another subscription.
             InvalidArgumentError: ``exclusive`` without a group.
+            SubscriptionLostError: While iterating, when the daemon stopped
+                and no daemon with the same identity answered within
+                ``resume`` seconds (0: at once).
         """
+        identity = (await self.status(timeout=timeout)).uuid
+        deadline = None if timeout is None else time.monotonic() + timeout
         request = pb.SubscribeRequest(
             group=group or "", worker=self.worker or "", exclusive=exclusive
         )
+        resumer = _Resumer(self, request, identity, resume, deadline)
         call = self._stub.Subscribe(request, timeout=timeout)
-        subscription = Subscription(call, _convert.peer_message)
+        subscription = Subscription(call, resumer)
         await subscription._started()
         return subscription
 

@@ -21,6 +21,7 @@ __all__ = [
     "AlreadyExistsError",
     "ProtocolError",
     "StatusError",
+    "SubscriptionLostError",
 ]
 
 
@@ -44,18 +45,45 @@ class RelaySidecarError(Exception):
 
 class ConnectError(RelaySidecarError):
     """The daemon's socket could not be reached: no socket file, no daemon
-    listening on it, or no permission to use it.
+    listening on it, or no permission to use it. The message names every
+    path tried, why each did not answer, and how to choose a daemon.
 
     Attributes:
-        path: The socket path that was tried.
-        cause: The ``OSError`` from connecting (also ``__cause__``).
+        path: The (last) socket path that was tried.
+        cause: The ``OSError`` from connecting to it (also ``__cause__``).
+        tried: Every path tried, in order, with its ``OSError``.
     """
 
-    def __init__(self, path: str, cause: OSError) -> None:
+    def __init__(self, path: str, cause: OSError, reason: Optional[str] = None) -> None:
         self.path = path
         self.cause = cause
-        reason = cause.strerror or str(cause)
+        self.tried = [(path, cause)]
+        reason = reason or cause.strerror or str(cause)
         super().__init__(f"cannot connect to relay-sidecar at {path}: {reason}")
+
+    @classmethod
+    def none_answered(
+        cls, tried: "list[tuple[str, OSError, str]]", named: bool
+    ) -> "ConnectError":
+        """The error when no socket of the shared rule answered."""
+        listed = "; ".join(f"{path} ({reason})" for path, _, reason in tried)
+        if named:
+            advice = (
+                "The path came from RELAY_SIDECAR_SOCKET: start the daemon there, or unset "
+                "it to look in the default places"
+            )
+        else:
+            advice = (
+                "Start one (relay-sidecar start --relay-url URL), or name its socket with "
+                "RELAY_SIDECAR_SOCKET=PATH"
+            )
+        error = cls.__new__(cls)
+        error.path, error.cause = tried[-1][0], tried[-1][1]
+        error.tried = [(path, cause) for path, cause, _ in tried]
+        RelaySidecarError.__init__(
+            error, f"cannot connect to a relay-sidecar daemon: tried {listed}. {advice}"
+        )
+        return error
 
 
 class InvalidArgumentError(RelaySidecarError):
@@ -113,6 +141,14 @@ class ProtocolError(RelaySidecarError):
     uuid, an unknown enum value, a missing field)."""
 
     _prefix = "protocol error: "
+
+
+class SubscriptionLostError(UnavailableError):
+    """A subscription's daemon stopped and did not come back within the
+    subscription's ``resume`` bound, or came back as another peer (a new
+    identity); the subscription has ended. Subscribe again to go on."""
+
+    _prefix = "subscription lost: "
 
 
 class StatusError(RelaySidecarError):
