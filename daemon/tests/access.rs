@@ -78,7 +78,7 @@ async fn the_allow_list_admits_listed_uids_and_gids_and_refuses_the_rest() {
     // Only root by uid.
     let dir = open_dir();
     let mut s = settings(dir.path(), &relay.url(), Dialect::Current);
-    s.socket_mode = "0666".into();
+    s.socket_mode = Some("0666".into());
     s.allow_uids = vec![0];
     let daemon = TestDaemon::start_with(s).await;
     daemon.registered_client().await;
@@ -96,7 +96,7 @@ async fn the_allow_list_admits_listed_uids_and_gids_and_refuses_the_rest() {
     // The test user's group by gid: now root is the one refused.
     let dir = open_dir();
     let mut s = settings(dir.path(), &relay.url(), Dialect::Current);
-    s.socket_mode = "0666".into();
+    s.socket_mode = Some("0666".into());
     s.allow_gids = vec![gid];
     let daemon = TestDaemon::start_with(s).await;
     let admitted = relayctl_status_as(uid, gid, &daemon.socket).await;
@@ -138,6 +138,14 @@ async fn the_socket_group_lets_its_members_in_and_the_mode_keeps_others_out() {
     assert!(!other.status.success(), "{}", text(&other));
     assert!(
         String::from_utf8_lossy(&other.stderr).contains("cannot connect"),
+        "{}",
+        text(&other)
+    );
+    // And the message says what would let them in.
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains(&format!(
+            "permission denied: the socket has mode 0660, owner root, group {TEST_USER}; ask to be added to group {TEST_USER}"
+        )),
         "{}",
         text(&other)
     );

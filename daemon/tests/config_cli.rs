@@ -40,7 +40,7 @@ async fn check_config_prints_the_effective_settings_with_secrets_masked() {
     let file = dir.path().join("config.toml");
     std::fs::write(
         &file,
-        "relay_url = \"wss://user:hunter2@relay.example.org\"\n\
+        "relay_url = \"wss://user:hunter2@relay.internal\"\n\
          name = \"from-file\"\nbacklog = 5\nsubscriber_queue = 9\n\
          [headers]\n\"X-Api-Key\" = \"s3cret-key\"\n",
     )
@@ -65,7 +65,7 @@ async fn check_config_prints_the_effective_settings_with_secrets_masked() {
         "subscriber_queue = 9",
         "allow_uids = [1000, 1001]",
         "socket_group = \"0\"",
-        "relay_url = \"wss://user:****@relay.example.org\"",
+        "relay_url = \"wss://user:****@relay.internal\"",
         "X-Api-Key = \"****\"",
         "# uuid: unset",
     ] {
@@ -108,6 +108,68 @@ async fn check_config_fails_with_one_line_naming_the_key() {
         assert!(stderr.contains(key), "{args:?}: {stderr}");
         assert!(output.stdout.is_empty());
     }
+}
+
+#[tokio::test]
+async fn check_config_refuses_what_would_fail_later_and_accepts_dev_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("config.toml");
+    std::fs::write(
+        &example,
+        std::fs::read_to_string(repo_root().join("deploy/config.toml")).unwrap(),
+    )
+    .unwrap();
+    let cases: [(&[&str], (&str, &str), &str); 4] = [
+        // The example as installed, before its placeholder is replaced.
+        (
+            &["--config", example.to_str().unwrap()],
+            ("RELAY_SIDECAR_UNUSED", ""),
+            "relay_url (in ",
+        ),
+        (
+            &["--relay-url", "ws://relay.internal:1"],
+            ("RELAY_SIDECAR_TOKEN_FILE", "/nonexistent/token"),
+            "token_file (from RELAY_SIDECAR_TOKEN_FILE): cannot read /nonexistent/token",
+        ),
+        (
+            &["--relay-url", "wss://relay.internal"],
+            ("RELAY_SIDECAR_CA_FILE", "/nonexistent/ca.pem"),
+            "ca_file (from RELAY_SIDECAR_CA_FILE): cannot read /nonexistent/ca.pem",
+        ),
+        (
+            &["--relay-url", "ws://relay.internal:99999"],
+            ("RELAY_SIDECAR_UNUSED", ""),
+            "relay_url (from --relay-url): \"ws://relay.internal:99999\": port 99999 is not a port",
+        ),
+    ];
+    for (args, (var, value), wanted) in cases {
+        let output = run(daemon_command()
+            .arg("check-config")
+            .args(args)
+            .env(var, value))
+        .await;
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(wanted), "{args:?}: {stderr}");
+    }
+
+    // An empty file, even one that is not a regular file, is a config
+    // with nothing in it.
+    let output = run(daemon_command().args([
+        "check-config",
+        "--config",
+        "/dev/null",
+        "--relay-url",
+        "ws://relay.internal:1",
+    ]))
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("config file: /dev/null"));
 }
 
 /// Runs the daemon (on a relay that is not there) until it logs "serving",
