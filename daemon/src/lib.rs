@@ -13,7 +13,9 @@
 //! - [`health`] and gRPC reflection: standard services on the same socket.
 //! - [`systemd`]: socket activation and notifications; [`metrics`]: the
 //!   optional Prometheus endpoint; [`cli`]: the daemon's command line.
-//! - [`config`] and [`identity`]: settings and the persistent peer identity.
+//! - [`config`] and [`identity`]: settings and the persistent peer identity;
+//!   [`rundir`]: the private directories they live in; [`job`]: a user's
+//!   daemon started in the background for a batch job or a shell.
 //! - [`devrelay`]: an embedded relay for development and tests.
 
 pub mod access;
@@ -27,11 +29,13 @@ pub mod fuzzing;
 pub mod health;
 pub mod identity;
 pub mod ipc;
+pub mod job;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
 pub mod router;
+pub mod rundir;
 pub mod service;
 pub mod status;
 pub mod summary;

@@ -13,10 +13,17 @@ fn main() -> ExitCode {
         print!("{}", config::EXAMPLE);
         return ExitCode::SUCCESS;
     }
-    let settings = match Settings::load(flags.sources()) {
+    let load = match flags.command {
+        Some(Command::Stop) => Settings::load_for_socket,
+        _ => Settings::load,
+    };
+    let settings = match load(flags.sources()) {
         Ok(settings) => settings,
         Err(e) => return fail(&e),
     };
+    if matches!(flags.command, Some(Command::Start { .. } | Command::Stop)) {
+        return cli::job_command(&flags, settings);
+    }
     if flags.command == Some(Command::CheckConfig) {
         if let Err(e) = cli::check(&settings) {
             return fail(&e);
@@ -40,7 +47,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    match runtime.block_on(cli::run(settings, activated)) {
+    match runtime.block_on(cli::run(settings, activated, flags.exit_with)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
