@@ -9,14 +9,22 @@ that differs from the repository's, stops the build.
 The runtime requirements on grpcio and protobuf are those of the grpcio-tools
 doing the generation: generated code refuses an older runtime at import time,
 so pip has to know the bounds at install time.
+
+Nothing is written into the source tree (except by an editable install,
+which imports from it): setuptools' ``build/`` and ``*.egg-info`` go to a
+temporary directory, so that a user can ``pip install`` from a checkout they
+do not own (a shared one on a cluster).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.metadata
 import re
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
@@ -133,7 +141,24 @@ def runtime_requirements() -> list[str]:
     return found + sorted(wanted)
 
 
+def out_of_tree() -> dict:
+    """setuptools options that keep its ``build/`` and ``*.egg-info`` out of
+    the source tree, in a temporary directory removed when this build step
+    ends (its products are copied out before that: the wheel, the metadata
+    directory pip asked for). An sdist keeps the default: it packs the
+    egg-info from beside the sources."""
+    if "sdist" in sys.argv or "egg_info" in sys.argv and "--egg-base" in sys.argv:
+        return {}
+    scratch = Path(tempfile.mkdtemp(prefix="relay-sidecar-build-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return {
+        "build": {"build_base": str(scratch / "build")},
+        "egg_info": {"egg_base": str(scratch)},
+    }
+
+
 setup(
     cmdclass={"build_py": BuildPyWithProto, "sdist": SdistWithProto},
     install_requires=runtime_requirements(),
+    options=out_of_tree(),
 )
