@@ -12,8 +12,10 @@ and drive it over stdin/stdout, one JSON object per line.
 
 stdin (commands):
     {"cmd": "send", "peer_uuid": "...", "description_type": "offer",
-     "description": "..."}
-        send a peer connection message with this peer's uuid/name as source
+     "description": "...", ["source_uuid": "...", "error": "..."]}
+        send a peer connection message with this peer's uuid/name as source;
+        `source_uuid` and `error` forge those fields (the relay checks
+        neither), as a hostile peer could
     {"cmd": "quit"}
         close the client and exit 0 (end of stdin does the same)
 
@@ -267,12 +269,14 @@ async def command_loop(
                  code=None)
             continue
         try:
+            source = command.get('source_uuid')
             message = _PeerConnection(
-                source_uuid=client.uuid,
+                source_uuid=uuid.UUID(source) if source else client.uuid,
                 source_name=client.name,
                 peer_uuid=uuid.UUID(command['peer_uuid']),
                 description_type=command.get('description_type', 'offer'),
                 description=command.get('description', ''),
+                error=command.get('error'),
             )
         except (ValueError, KeyError, TypeError) as e:
             emit_error('stdin', e)

@@ -22,6 +22,7 @@
 // only part of it; the rest would be reported as dead code.
 #![allow(dead_code)]
 
+pub mod relays;
 pub mod sidecar;
 
 use std::fs::{self, File, OpenOptions};
@@ -293,6 +294,11 @@ impl PyRelay {
         log_tail(&self.log, LOG_TAIL_LINES)
     }
 
+    /// The relay process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the relay process is running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -541,6 +547,26 @@ impl PyPeer {
             "peer_uuid": peer_uuid.to_string(),
             "description_type": description_type,
             "description": description,
+        });
+        self.write_line(&command.to_string()).await;
+    }
+
+    /// Like [`PyPeer::send`], with `source_uuid` and `error` forged: the
+    /// relay checks neither, so any peer can claim to be anyone.
+    pub async fn send_forged(
+        &mut self,
+        source_uuid: Uuid,
+        peer_uuid: Uuid,
+        description: &str,
+        error: &str,
+    ) {
+        let command = serde_json::json!({
+            "cmd": "send",
+            "source_uuid": source_uuid.to_string(),
+            "peer_uuid": peer_uuid.to_string(),
+            "description_type": "offer",
+            "description": description,
+            "error": error,
         });
         self.write_line(&command.to_string()).await;
     }

@@ -117,9 +117,13 @@ pub async fn registered(client: &Client) -> Status {
     wait_for_state(&mut statuses, ConnectionState::Registered).await
 }
 
-/// The daemon binary, run as a child process.
+/// The daemon binary, run as a child process: this build's, or the one
+/// `RELAY_SIDECAR_TEST_DAEMON_BIN` names (to run a test against another
+/// build, e.g. to see it fail before a fix).
 pub fn daemon_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-sidecar"));
+    let binary = std::env::var_os("RELAY_SIDECAR_TEST_DAEMON_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_relay-sidecar").into());
+    let mut command = tokio::process::Command::new(binary);
     command
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -217,4 +221,106 @@ pub async fn spawn_daemon<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> tokio::proce
     // Keep draining its log so that it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     child
+}
+
+/// A daemon binary in a child process whose whole log (JSON lines) is kept.
+pub struct LoggedDaemon {
+    pub child: tokio::process::Child,
+    pub socket: PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    drained: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl LoggedDaemon {
+    /// Starts the daemon binary on `relay_url` in a fresh temp dir, with the
+    /// settings in `env` (`("RELAY_SIDECAR_BACKOFF_MAX", "500ms")`, ...) and
+    /// `extra` arguments, and waits until it serves.
+    pub async fn start(relay_url: &str, env: &[(&str, &str)], extra: &[&str]) -> LoggedDaemon {
+        use tokio::io::AsyncBufReadExt;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (args, socket) = daemon_args(dir.path(), relay_url);
+        let mut command = daemon_command();
+        command
+            .args(&args)
+            .args(extra)
+            .args(["--log-format", "json"]);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn the daemon");
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let serving = tokio::time::timeout(STATE_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let serving = line.contains("\"serving\"");
+                log.lock().unwrap().push(line);
+                if serving {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if serving != Ok(true) {
+            panic!(
+                "the daemon did not serve:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
+        let keep = std::sync::Arc::clone(&log);
+        let drained = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        LoggedDaemon {
+            child,
+            socket,
+            log,
+            drained,
+            _dir: dir,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        relay_sidecar_client::connect(&self.socket)
+            .await
+            .expect("client connects to the daemon")
+    }
+
+    /// The log lines so far, parsed.
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or(serde_json::Value::String(line.clone()))
+            })
+            .collect()
+    }
+
+    /// SIGTERMs the daemon, waits for it to exit 0, and returns its whole log.
+    pub async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().expect("the daemon runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM the daemon");
+        let status = tokio::time::timeout(STATE_TIMEOUT, self.child.wait())
+            .await
+            .expect("the daemon exits in time")
+            .expect("wait for the daemon");
+        let _ = tokio::time::timeout(STATE_TIMEOUT, self.drained).await;
+        let log = std::mem::take(&mut *self.log.lock().unwrap());
+        assert!(
+            status.success(),
+            "the daemon exited with {status}:\n{}",
+            log.join("\n")
+        );
+        log
+    }
 }
