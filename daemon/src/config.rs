@@ -110,6 +110,11 @@ pub struct Settings {
     pub ping_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub ping_timeout: Duration,
+    /// How long the relay may take to return what was written (the daemon
+    /// follows its writes with a message to itself) before the connection
+    /// counts as broken: it is dropped and the unconfirmed sends get UNKNOWN.
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
     /// Connect on first use instead of at start.
     pub lazy: bool,
     /// The largest relay frame a Send may produce, in bytes.
@@ -166,6 +171,7 @@ impl Default for Settings {
             backoff_max: Duration::from_secs(60),
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(20),
+            confirm_timeout: Duration::from_secs(20),
             lazy: false,
             max_message_bytes: 1 << 20,
             subscriber_queue: 1024,
@@ -502,6 +508,7 @@ impl Settings {
             ("backoff_max", self.backoff_max),
             ("ping_interval", self.ping_interval),
             ("ping_timeout", self.ping_timeout),
+            ("confirm_timeout", self.confirm_timeout),
             ("affinity", self.affinity),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),

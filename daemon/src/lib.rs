@@ -3,7 +3,8 @@
 //!
 //! The pieces, each owned by one module:
 //! - [`codec`]: the relay's JSON wire format, both dialects.
-//! - [`relay`]: the task that owns the relay WebSocket and its state machine.
+//! - [`relay`]: the link to the relay: its WebSocket, its state machine and
+//!   the ordered queue of sends it has accepted.
 //! - [`router`]: hands inbound messages to local subscribers.
 //! - [`service`]: the `relay_sidecar.v1.RelaySidecar` gRPC service.
 //! - [`ipc`]: the Unix socket the service listens on; [`connections`]
@@ -135,6 +136,8 @@ impl Daemon {
             Some(relay) => relay.url(),
             None => settings.relay_url.clone().unwrap_or_default(),
         };
+        // What is shown of it (status, logs): never its credentials.
+        let shown_url = relay::without_credentials(&relay_url);
         let identity = identity::resolve(
             settings.uuid,
             settings.name.as_deref(),
@@ -184,6 +187,7 @@ impl Daemon {
                 registration_timeout: settings.timeout,
                 ping_interval: settings.ping_interval,
                 ping_timeout: settings.ping_timeout,
+                confirm_timeout: settings.confirm_timeout,
                 backoff_initial: settings.backoff_initial,
                 backoff_max: settings.backoff_max,
                 lazy: settings.lazy,
@@ -198,7 +202,7 @@ impl Daemon {
         let (counters_read, router_read) = (Arc::clone(&counters), Arc::clone(&router));
         let service = Service::new(ServiceParts {
             identity: identity.clone(),
-            relay_url: relay_url.clone(),
+            relay_url: shown_url.clone(),
             dialect: settings.dialect,
             relay: handle,
             router,
@@ -291,7 +295,7 @@ impl Daemon {
             socket = %socket.path().display(),
             uuid = %identity.uuid,
             name = %identity.name,
-            relay = %relay_url,
+            relay = %shown_url,
             dialect = %settings.dialect,
             activated = socket.activated(),
             allow_uids = ?settings.allow_uids,
@@ -300,7 +304,7 @@ impl Daemon {
         );
         Ok(Daemon {
             identity,
-            relay_url,
+            relay_url: shown_url,
             socket,
             server,
             tasks,
@@ -313,6 +317,7 @@ impl Daemon {
         &self.identity
     }
 
+    /// The relay's URL, without any credentials it carries.
     pub fn relay_url(&self) -> &str {
         &self.relay_url
     }

@@ -20,7 +20,7 @@ use crate::access::Admins;
 use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
 use crate::limits::{FAR_DEADLINE, GRPC_TIMEOUT_DIGITS};
-use crate::relay::{Handle, SendError, Ticket};
+use crate::relay::{Handle, Outgoing, SendError, Ticket};
 use crate::router::{Interest, PeerMessage, Router, SubscribeError, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
@@ -85,7 +85,7 @@ impl Service {
                     Worker::label(&request.worker)
                 };
                 self.inner.router.note_send(&worker, peer);
-                Ok(frame)
+                Ok(Outgoing { peer, frame })
             });
             match encoded {
                 Ok(frame) => {
@@ -373,7 +373,11 @@ impl RelaySidecar for Service {
         let worker = caller(&request, &request.get_ref().worker);
         self.inner.router.note_send(&worker, peer);
         let deadline = deadline_in(self.wait_budget(&request));
-        let ticket = self.inner.relay.submit(frame, deadline).await?;
+        let ticket = self
+            .inner
+            .relay
+            .submit(Outgoing { peer, frame }, deadline)
+            .await?;
         if call_timeout(&request).is_some() {
             // Written, or about to be: past the caller's deadline, nobody
             // knows whether the relay forwarded it.

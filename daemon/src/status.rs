@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::time::Instant;
 
 /// The state of the relay connection. Transitions happen only in
-/// [`crate::relay`], which logs and publishes each one.
+/// [`crate::relay::Connection`], which logs and publishes each one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
     /// Lazy mode: nothing opened yet.
@@ -45,7 +45,8 @@ pub struct LinkStatus {
     pub close_code: Option<u16>,
     /// Why the link is in this state (close reason, error, refusal).
     pub detail: String,
-    /// Consecutive failed attempts since the last registration.
+    /// Failed attempts and lost connections since the last registration
+    /// that stayed up; the retry delay grows with it.
     pub attempt: u32,
     /// When the next attempt starts, in `Backoff`.
     pub retry_at: Option<Instant>,

@@ -1,0 +1,249 @@
+//! Confirmation bookkeeping for one session. Each batch the writer sends is
+//! followed by a probe (a message from this host to itself, tagged with a
+//! random tag chosen for this session and a sequence number); the reader
+//! sees probes come back and confirms every batch up to it. What is written
+//! and not yet confirmed is the session's in-flight window, which the writer
+//! keeps under [`super::IN_FLIGHT_FRAMES`].
+//!
+//! One probe is shared by all the callers whose frames were in its batch.
+
+use std::collections::VecDeque;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::outbox::{Entry, Reply, Undelivered};
+use crate::codec::{self, PeerConnection};
+
+/// What marks this session's probes. A fresh random tag per session, so no
+/// one who saw an earlier session's probes (a client that displaced us) can
+/// confirm this session's sends.
+#[derive(Debug, Clone)]
+pub(super) struct ProbeTag {
+    me: Uuid,
+    prefix: String,
+}
+
+impl ProbeTag {
+    pub(super) fn new(me: Uuid) -> ProbeTag {
+        ProbeTag {
+            me,
+            prefix: format!("relay-sidecar-probe:{}:", Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The probe with sequence number `seq` (a peer connection message,
+    /// the same in both dialects).
+    pub(super) fn frame(&self, seq: u64, name: &str) -> String {
+        codec::encode_peer(
+            self.me,
+            name,
+            self.me,
+            "offer",
+            &format!("{}{seq}", self.prefix),
+            None,
+        )
+    }
+
+    /// The sequence number, if `peer` is one of this session's probes.
+    pub(super) fn seq(&self, peer: &PeerConnection) -> Option<u64> {
+        if peer.source_uuid != self.me || peer.peer_uuid != self.me {
+            return None;
+        }
+        peer.description.strip_prefix(&self.prefix)?.parse().ok()
+    }
+}
+
+/// One batch written and waiting for its probe.
+#[derive(Debug)]
+struct Batch {
+    seq: u64,
+    /// The batch's frames, its probe included.
+    frames: usize,
+    /// How many of `Confirmations::replies` and `peers` are this batch's.
+    replies: usize,
+    peers: usize,
+    written_at: Instant,
+}
+
+/// Batches written and not yet confirmed, oldest first.
+#[derive(Debug, Default)]
+pub(super) struct Confirmations {
+    next_seq: u64,
+    batches: VecDeque<Batch>,
+    /// The callers of the batches above, in order.
+    replies: VecDeque<Reply>,
+    /// The peers (other than ourselves) the batches above were sent to: a
+    /// message the relay returns is ours only if it went to one of them.
+    peers: VecDeque<Uuid>,
+    in_flight: usize,
+}
+
+impl Confirmations {
+    /// Records `entries` as one batch written now and moves their frames to
+    /// `out`, in order; returns the sequence number of the probe that must
+    /// follow them.
+    pub(super) fn commit(
+        &mut self,
+        entries: &mut Vec<Entry>,
+        me: Uuid,
+        out: &mut Vec<String>,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let (replies, peers, frames) = (entries.len(), self.peers.len(), out.len());
+        for entry in entries.drain(..) {
+            for outgoing in entry.frames {
+                if outgoing.peer != me {
+                    self.peers.push_back(outgoing.peer);
+                }
+                out.push(outgoing.frame);
+            }
+            self.replies.push_back(entry.reply);
+        }
+        let frames = out.len() - frames + 1;
+        self.in_flight += frames;
+        self.batches.push_back(Batch {
+            seq,
+            frames,
+            replies,
+            peers: self.peers.len() - peers,
+            written_at: Instant::now(),
+        });
+        seq
+    }
+
+    /// Probe `seq` came back: everything up to it is confirmed. Returns how
+    /// many frames (probes not counted) that confirmed.
+    pub(super) fn confirm(&mut self, seq: u64) -> u64 {
+        // A number never sent (forged, or from a displaced session's
+        // successor) confirms nothing.
+        if seq >= self.next_seq {
+            return 0;
+        }
+        let mut sent = 0;
+        while self.batches.front().is_some_and(|b| b.seq <= seq) {
+            let batch = self.batches.pop_front().expect("front exists");
+            self.in_flight -= batch.frames;
+            sent += batch.frames as u64 - 1;
+            self.peers.drain(..batch.peers);
+            for reply in self.replies.drain(..batch.replies) {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        sent
+    }
+
+    /// The session is over: every batch not confirmed is answered with
+    /// `why`, since it may or may not have been forwarded.
+    pub(super) fn fail_all(&mut self, why: &str) {
+        self.batches.clear();
+        self.peers.clear();
+        self.in_flight = 0;
+        for reply in self.replies.drain(..) {
+            let _ = reply.send(Err(Undelivered::Unconfirmed(why.to_owned())));
+        }
+    }
+
+    /// Frames written and not confirmed, probes included.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// When the oldest unconfirmed batch was written.
+    pub(super) fn oldest(&self) -> Option<Instant> {
+        self.batches.front().map(|b| b.written_at)
+    }
+
+    /// Whether an unconfirmed frame went to `peer`.
+    pub(super) fn wrote_to(&self, peer: &uuid::Uuid) -> bool {
+        self.peers.contains(peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::super::Outgoing;
+    use super::super::outbox::Claim;
+    use super::*;
+
+    fn entry(peers: &[Uuid]) -> (Entry, oneshot::Receiver<super::super::outbox::Answer>) {
+        let (reply, answer) = oneshot::channel();
+        let frames = peers
+            .iter()
+            .map(|peer| Outgoing {
+                peer: *peer,
+                frame: peer.to_string(),
+            })
+            .collect();
+        let entry = Entry {
+            frames,
+            deadline: Instant::now(),
+            reply,
+            claim: Claim::default(),
+        };
+        (entry, answer)
+    }
+
+    #[tokio::test]
+    async fn a_probe_confirms_its_batch_and_every_one_before() {
+        let (me, far) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut c = Confirmations::default();
+        let mut out = Vec::new();
+        let (a, mut answer_a) = entry(&[me, far]);
+        let (b, mut answer_b) = entry(&[far]);
+        let first = c.commit(&mut vec![a], me, &mut out);
+        let (d, mut answer_d) = entry(&[me]);
+        let second = c.commit(&mut vec![b, d], me, &mut out);
+        assert_eq!(out.len(), 4);
+        assert_eq!(c.in_flight(), 6);
+        assert!(c.wrote_to(&far) && !c.wrote_to(&me));
+
+        assert_eq!(c.confirm(second + 7), 0, "a number never sent");
+        assert_eq!(c.confirm(first), 2);
+        assert!(matches!(answer_a.try_recv(), Ok(Ok(()))));
+        assert!(answer_b.try_recv().is_err(), "not yet");
+        assert_eq!(c.in_flight(), 3);
+        assert!(c.wrote_to(&far), "b's peer is still unconfirmed");
+        assert_eq!(c.confirm(second), 2);
+        assert!(matches!(answer_b.try_recv(), Ok(Ok(()))));
+        assert!(matches!(answer_d.try_recv(), Ok(Ok(()))));
+        assert!(c.is_empty() && c.in_flight() == 0 && !c.wrote_to(&far));
+    }
+
+    #[tokio::test]
+    async fn what_is_unconfirmed_at_the_end_is_unknown() {
+        let me = Uuid::new_v4();
+        let mut c = Confirmations::default();
+        let (a, mut answer) = entry(&[me]);
+        c.commit(&mut vec![a], me, &mut Vec::new());
+        c.fail_all("lost");
+        assert!(matches!(
+            answer.try_recv(),
+            Ok(Err(Undelivered::Unconfirmed(why))) if why == "lost"
+        ));
+        assert!(c.is_empty() && c.oldest().is_none());
+    }
+
+    #[test]
+    fn only_this_sessions_probes_are_probes() {
+        let me = Uuid::new_v4();
+        let (tag, other) = (ProbeTag::new(me), ProbeTag::new(me));
+        let decode = |text: &str| match codec::decode(text, codec::Dialect::Current) {
+            Ok(codec::Frame::Peer(peer)) => peer,
+            other => panic!("{other:?}"),
+        };
+        let probe = decode(&tag.frame(42, "host"));
+        assert_eq!(tag.seq(&probe), Some(42));
+        assert_eq!(other.seq(&probe), None, "another session's tag");
+        let mut forged = probe.clone();
+        forged.peer_uuid = Uuid::new_v4();
+        assert_eq!(tag.seq(&forged), None);
+    }
+}
