@@ -15,12 +15,30 @@ use uuid::Uuid;
 use super::outbox::{Entry, Reply, Undelivered};
 use crate::codec::{self, PeerConnection};
 
+/// How every probe's description starts. A message from this host to
+/// itself that starts so but is not one of this session's probes is another
+/// session's (a connection that just ended, or another daemon given this
+/// uuid): never anyone's data, so it is dropped.
+const PROBE_PREFIX: &str = "relay-sidecar-probe:";
+
+/// What a message from the relay is, as far as probes go.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// This session's probe with this sequence number.
+    Ours(u64),
+    /// Another session's probe.
+    Stale,
+    /// Not a probe.
+    No,
+}
+
 /// What marks this session's probes. A fresh random tag per session, so no
 /// one who saw an earlier session's probes (a client that displaced us) can
 /// confirm this session's sends.
 #[derive(Debug, Clone)]
 pub(super) struct ProbeTag {
     me: Uuid,
+    /// `PROBE_PREFIX`, the tag, and a colon.
     prefix: String,
 }
 
@@ -28,7 +46,7 @@ impl ProbeTag {
     pub(super) fn new(me: Uuid) -> ProbeTag {
         ProbeTag {
             me,
-            prefix: format!("relay-sidecar-probe:{}:", Uuid::new_v4().simple()),
+            prefix: format!("{PROBE_PREFIX}{}:", Uuid::new_v4().simple()),
         }
     }
 
@@ -45,12 +63,22 @@ impl ProbeTag {
         )
     }
 
-    /// The sequence number, if `peer` is one of this session's probes.
-    pub(super) fn seq(&self, peer: &PeerConnection) -> Option<u64> {
-        if peer.source_uuid != self.me || peer.peer_uuid != self.me {
-            return None;
+    /// Whether `peer` is a probe, and whose.
+    pub(super) fn check(&self, peer: &PeerConnection) -> Probe {
+        if peer.source_uuid != self.me
+            || peer.peer_uuid != self.me
+            || !peer.description.starts_with(PROBE_PREFIX)
+        {
+            return Probe::No;
         }
-        peer.description.strip_prefix(&self.prefix)?.parse().ok()
+        match peer
+            .description
+            .strip_prefix(&self.prefix)
+            .and_then(|n| n.parse().ok())
+        {
+            Some(seq) => Probe::Ours(seq),
+            None => Probe::Stale,
+        }
     }
 }
 
@@ -240,10 +268,13 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let probe = decode(&tag.frame(42, "host"));
-        assert_eq!(tag.seq(&probe), Some(42));
-        assert_eq!(other.seq(&probe), None, "another session's tag");
-        let mut forged = probe.clone();
-        forged.peer_uuid = Uuid::new_v4();
-        assert_eq!(tag.seq(&forged), None);
+        assert_eq!(tag.check(&probe), Probe::Ours(42));
+        assert_eq!(other.check(&probe), Probe::Stale, "another session's tag");
+        let mut forwarded = probe.clone();
+        forwarded.peer_uuid = Uuid::new_v4();
+        assert_eq!(tag.check(&forwarded), Probe::No);
+        let mut data = probe.clone();
+        data.description = "hello".into();
+        assert_eq!(tag.check(&data), Probe::No);
     }
 }

@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::handshake::{Socket, close_parts};
-use super::probes::ProbeTag;
+use super::probes::{Probe, ProbeTag};
 use super::session::Shared;
 use crate::codec::{self, Dialect, Frame};
 use crate::router::{PeerMessage, Router};
@@ -102,10 +102,17 @@ impl Reader {
                 return;
             }
         };
-        if let Some(seq) = self.tag.seq(&peer) {
-            let sent = self.shared.confirm(seq);
-            Counters::add(&self.counters.sent, sent);
-            return;
+        match self.tag.check(&peer) {
+            Probe::Ours(seq) => {
+                let sent = self.shared.confirm(seq);
+                Counters::add(&self.counters.sent, sent);
+                return;
+            }
+            Probe::Stale => {
+                debug!("another session's probe skipped");
+                return;
+            }
+            Probe::No => {}
         }
         // The relay routes by peer_uuid, so what it forwards to us has ours
         // there; only a message it returns to us can have another. And the

@@ -168,13 +168,10 @@ impl Connection {
                     Err(error) => Attempt::Failed(error),
                 },
                 () = self.shutdown.cancelled() => return Attempt::Shutdown,
-                command = self.commands.recv() => match command {
-                    Some(Command::Reconnect) => {
-                        self.backoff.reset();
-                        return Attempt::Restart;
-                    }
-                    Some(Command::Wake) => {}
-                    None => return Attempt::Shutdown,
+                command = self.commands.recv() => match between_sessions(command, &mut self.backoff) {
+                    Some(true) => return Attempt::Restart,
+                    Some(false) => return Attempt::Shutdown,
+                    None => {}
                 },
             }
         }
@@ -292,14 +289,11 @@ impl Connection {
             tokio::select! {
                 () = sleep_until(retry_at) => return true,
                 () = self.shutdown.cancelled() => return false,
-                command = self.commands.recv() => match command {
-                    Some(Command::Reconnect) => {
-                        self.backoff.reset();
-                        return true;
+                command = self.commands.recv() => {
+                    if let Some(go_on) = between_sessions(command, &mut self.backoff) {
+                        return go_on;
                     }
-                    Some(Command::Wake) => {}
-                    None => return false,
-                },
+                }
             }
         }
     }
@@ -322,19 +316,30 @@ impl Connection {
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return false,
-                command = self.commands.recv() => match command {
-                    Some(Command::Reconnect) => {
-                        self.backoff.reset();
-                        return true;
+                command = self.commands.recv() => {
+                    if let Some(go_on) = between_sessions(command, &mut self.backoff) {
+                        return go_on;
                     }
-                    Some(Command::Wake) => {}
-                    None => return false,
-                },
+                }
                 entry = outbox.next() => match entry {
                     Some(entry) => entry.refuse(refusal()),
                     None => return false,
                 },
             }
         }
+    }
+}
+
+/// What a command means while no session runs: `Some(true)` to connect
+/// now (a Reconnect, which also starts the delays afresh), `Some(false)` to
+/// stop (every handle is gone), `None` to go on waiting (a Wake).
+fn between_sessions(command: Option<Command>, backoff: &mut Backoff) -> Option<bool> {
+    match command {
+        Some(Command::Reconnect) => {
+            backoff.reset();
+            Some(true)
+        }
+        Some(Command::Wake) => None,
+        None => Some(false),
     }
 }
