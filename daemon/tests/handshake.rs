@@ -12,12 +12,12 @@ use futures_util::{SinkExt, StreamExt};
 use relay_sidecar::codec::{self, Frame, RelayResponse};
 use relay_sidecar_client::ConnectionState;
 use support::Dialect;
+use support::relays::{Headers, accept_recording, header};
 use support::sidecar::{TestDaemon, settings, wait_for_state};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -46,7 +46,7 @@ fn scripted_relay<S, F, Fut>(
     listener: TcpListener,
     script: Vec<Answer>,
     wrap: F,
-) -> mpsc::UnboundedReceiver<Vec<(String, String)>>
+) -> mpsc::UnboundedReceiver<Headers>
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Option<S>> + Send,
@@ -63,19 +63,7 @@ where
                     break stream;
                 }
             };
-            let seen = tx.clone();
-            // The callback's signature is tungstenite's.
-            #[allow(clippy::result_large_err)]
-            let capture = move |request: &Request, response: Response| {
-                let headers = request
-                    .headers()
-                    .iter()
-                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-                    .collect();
-                let _ = seen.send(headers);
-                Ok(response)
-            };
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, capture).await else {
+            let Some(mut ws) = accept_recording(stream, tx.clone()).await else {
                 continue;
             };
             let Some(Ok(first)) = ws.next().await else {
@@ -157,13 +145,6 @@ where
 
 async fn plain(tcp: tokio::net::TcpStream) -> Option<tokio::net::TcpStream> {
     Some(tcp)
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 #[tokio::test]

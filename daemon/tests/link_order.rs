@@ -187,13 +187,13 @@ async fn order_holds_across_lost_registrations(way: Way, relay: &mut impl Restar
 // they were made (on several threads, its tasks race to write them).
 #[tokio::test]
 async fn unary_sends_from_one_worker_keep_their_order_across_lost_registrations() {
-    let mut relay = PyRelay::start(Dialect::Current).await;
+    let mut relay = PyRelay::start_quiet(Dialect::Current).await;
     order_holds_across_lost_registrations(Way::Unary, &mut relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_stream_keeps_its_order_across_lost_registrations() {
-    let mut relay = PyRelay::start(Dialect::Current).await;
+    let mut relay = PyRelay::start_quiet(Dialect::Current).await;
     order_holds_across_lost_registrations(Way::Stream, &mut relay).await;
 }
 

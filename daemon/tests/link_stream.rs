@@ -177,6 +177,6 @@ async fn embedded_relay_150k_to_self_across_3_crashes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxystore_relay_150k_to_self_across_3_crashes() {
-    let mut relay = PyRelay::start(Dialect::Current).await;
+    let mut relay = PyRelay::start_quiet(Dialect::Current).await;
     stream_to_self_across_restarts(&mut relay).await;
 }

@@ -222,6 +222,9 @@ pub struct PyRelay {
     port: u16,
     child: Option<Child>,
     starts: u32,
+    /// `--log-level`, when not the relay's default (INFO: a line per
+    /// message forwarded).
+    log_level: Option<&'static str>,
     log: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -230,6 +233,16 @@ impl PyRelay {
     /// Start a relay of `dialect` on a free port and wait until it accepts
     /// TCP connections.
     pub async fn start(dialect: Dialect) -> PyRelay {
+        PyRelay::start_logging(dialect, None).await
+    }
+
+    /// [`PyRelay::start`] logging only warnings and errors: for floods of
+    /// messages, where its line per message would cost more than the relay.
+    pub async fn start_quiet(dialect: Dialect) -> PyRelay {
+        PyRelay::start_logging(dialect, Some("warning")).await
+    }
+
+    async fn start_logging(dialect: Dialect, log_level: Option<&'static str>) -> PyRelay {
         let dir = temp_dir(&format!("py-relay-{dialect}-"));
         let log = dir.path().join("relay.log");
         let mut relay = PyRelay {
@@ -237,6 +250,7 @@ impl PyRelay {
             port: 0,
             child: None,
             starts: 0,
+            log_level,
             log,
             dir,
         };
@@ -262,6 +276,7 @@ impl PyRelay {
             port,
             child: None,
             starts: 0,
+            log_level: None,
             log,
             dir,
         };
@@ -369,6 +384,11 @@ impl PyRelay {
         let stderr = log.try_clone().map_err(|e| format!("dup log: {e}"))?;
         let child = Command::new(&program)
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(
+                self.log_level
+                    .iter()
+                    .flat_map(|level| ["--log-level", level]),
+            )
             .current_dir(self.dir.path())
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")

@@ -109,7 +109,7 @@ impl Drop for CrashableRelay {
 /// answered). Each accepted handshake's headers are reported.
 pub struct SwallowingRelay {
     url: String,
-    handshakes: mpsc::UnboundedReceiver<Vec<(String, String)>>,
+    handshakes: mpsc::UnboundedReceiver<Headers>,
     stop: CancellationToken,
 }
 
@@ -150,7 +150,7 @@ impl SwallowingRelay {
     }
 
     /// The headers of the next accepted handshake, waiting at most `timeout`.
-    pub async fn next_handshake(&mut self, timeout: Duration) -> Option<Vec<(String, String)>> {
+    pub async fn next_handshake(&mut self, timeout: Duration) -> Option<Headers> {
         tokio::time::timeout(timeout, self.handshakes.recv())
             .await
             .ok()
@@ -164,7 +164,18 @@ impl Drop for SwallowingRelay {
     }
 }
 
-async fn swallow(tcp: tokio::net::TcpStream, seen: mpsc::UnboundedSender<Vec<(String, String)>>) {
+/// Headers of an opening handshake, as (name, value).
+pub type Headers = Vec<(String, String)>;
+
+/// Accepts a WebSocket on `stream`, reporting the handshake's headers to
+/// `seen`. `None` if the handshake fails.
+pub async fn accept_recording<S>(
+    stream: S,
+    seen: mpsc::UnboundedSender<Headers>,
+) -> Option<tokio_tungstenite::WebSocketStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     // The callback's signature is tungstenite's.
     #[allow(clippy::result_large_err)]
     let capture = move |request: &Request, response: Response| {
@@ -176,7 +187,13 @@ async fn swallow(tcp: tokio::net::TcpStream, seen: mpsc::UnboundedSender<Vec<(St
         let _ = seen.send(headers);
         Ok(response)
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, capture).await else {
+    tokio_tungstenite::accept_hdr_async(stream, capture)
+        .await
+        .ok()
+}
+
+async fn swallow(tcp: tokio::net::TcpStream, seen: mpsc::UnboundedSender<Headers>) {
+    let Some(mut ws) = accept_recording(tcp, seen).await else {
         return;
     };
     let Some(Ok(Message::Text(first))) = ws.next().await else {
