@@ -13,15 +13,24 @@ use support::sidecar::{STATE_TIMEOUT, TestDaemon, registered, settings, wait_for
 use support::{Dialect, PyPeer, PyRelay};
 use uuid::Uuid;
 
+/// The daemons' first retry delay. Not the test default (50 ms): the 0.5.2
+/// relay waits for a displaced socket's closing handshake before it records
+/// the new registration, and a registration of the same uuid that comes in
+/// meanwhile displaces no one and is then silently overwritten, leaving two
+/// sockets registered. A retry that quick can land in that window on a
+/// loaded machine; the default (1 s) does not.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long both daemons must then stay as they are: several times the
-/// test daemons' longest retry delay (500 ms), so a further round of
-/// displacement would show.
-const QUIET: Duration = Duration::from_secs(4);
+/// longest retry delay, so a further round of displacement would show.
+const QUIET: Duration = Duration::from_secs(6);
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn daemon_with_uuid(url: &str, uuid: Uuid, dir: &tempfile::TempDir) -> TestDaemon {
     let mut config = settings(dir.path(), url, Dialect::Legacy);
     config.uuid = Some(uuid);
+    config.backoff_initial = BACKOFF_INITIAL;
+    config.backoff_max = BACKOFF_MAX;
     TestDaemon::start_with(config).await
 }
 
