@@ -414,8 +414,9 @@ pub async fn run(
     }
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("stopping");
+        // Stop first: whatever becomes of the log line, the signal counts.
         shutdown.cancel();
+        tracing::info!("stopping");
     });
     let result = daemon.wait().await;
     if let Some(dir) = job_dir {

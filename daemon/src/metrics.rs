@@ -320,6 +320,11 @@ impl Collector for LinkCollector {
                 "Frames from the relay that could not be decoded",
                 c.undecodable,
             ),
+            (
+                "log_lines_dropped",
+                "Log lines that stderr would not take (a closed pipe, a full disk)",
+                crate::logging::dropped_lines(),
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(

@@ -220,7 +220,8 @@ async fn under_journald_lines_carry_priorities_and_no_timestamps() {
     })
     .await;
     let serving = text.lines().find(|l| l.contains("serving")).unwrap();
-    assert!(serving.starts_with("<6>"), "{text}");
+    // The priority, then the message: no level word, no space.
+    assert!(serving.starts_with("<6>serving socket="), "{text}");
     assert!(
         text.lines().any(|l| l.starts_with("<4>")),
         "the refused relay connection is a warning:\n{text}"

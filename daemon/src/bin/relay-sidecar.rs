@@ -1,5 +1,6 @@
 //! The relay-sidecar daemon: flags, settings, logging, then the library.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,8 +11,7 @@ use relay_sidecar::{logging, systemd};
 fn main() -> ExitCode {
     let flags = Flags::parse();
     if flags.command == Some(Command::DefaultConfig) {
-        print!("{}", config::EXAMPLE);
-        return ExitCode::SUCCESS;
+        return print(config::EXAMPLE);
     }
     let load = match flags.command {
         Some(Command::Stop) => Settings::load_for_socket,
@@ -28,11 +28,7 @@ fn main() -> ExitCode {
         if let Err(e) = cli::check(&settings) {
             return fail(&e);
         }
-        print!(
-            "{}",
-            cli::effective_config(&settings, flags.config.as_deref())
-        );
-        return ExitCode::SUCCESS;
+        return print(&cli::effective_config(&settings, flags.config.as_deref()));
     }
     // Before the runtime starts any thread: this clears LISTEN_FDS.
     let activated = match systemd::take_listener() {
@@ -53,7 +49,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints `text` to stdout; a reader that stopped early
+/// (`relay-sidecar default-config | head`) is no error. print! would panic.
+fn print(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(&e),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// Reports `e` on stderr, if stderr will take it (eprintln! would panic).
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("relay-sidecar: {e}");
+    let _ = writeln!(std::io::stderr(), "relay-sidecar: {e}");
     ExitCode::FAILURE
 }

@@ -23,6 +23,38 @@ use tracing_subscriber::fmt::{
 };
 use uuid::Uuid;
 
+/// Every line relayctl prints goes through here, not std's `println!`, which
+/// panics when the reader has gone: `relayctl status | head -1` or
+/// `relayctl listen | head` end relayctl quietly, with status 0, once the
+/// reader has what it wanted.
+macro_rules! println {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))
+    };
+}
+
+/// Likewise for stderr: a message that cannot be shown is no reason to
+/// panic.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("relayctl: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Query and use the relay-sidecar daemon over its Unix socket.
 #[derive(Debug, Parser)]
 #[command(version)]
