@@ -28,7 +28,11 @@ pub enum IpcError {
     InUse(PathBuf),
     #[error("socket {0}: the path exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    #[error("socket_group: cannot give socket {path} to group {gid}: {source}")]
+    #[error(
+        "socket_group: cannot give socket {path} to group {gid}: {source} (the daemon's user \
+         must be a member; under systemd, add SupplementaryGroups= and SystemCallFilter=@chown \
+         in a drop-in: README, \"Install as a service\")"
+    )]
     Group {
         path: PathBuf,
         gid: u32,
