@@ -1,7 +1,9 @@
-//! The daemon under systemd: the unit files pass `systemd-analyze verify`,
-//! the sysusers snippet makes the user and group, socket activation serves
-//! the very call that started the daemon, and the notification socket hears
-//! READY=1, watchdog keep-alives, STATUS= and STOPPING=1.
+//! The daemon under systemd, without booting one: the unit files pass
+//! `systemd-analyze verify`, the sysusers and tmpfiles snippets make the user,
+//! the group and the socket directory, socket activation serves the very call
+//! that started the daemon, and the notification socket hears READY=1,
+//! watchdog keep-alives, STATUS= and STOPPING=1. The units under a real
+//! systemd are proven in tests/systemd/ (a booted container).
 
 mod support;
 
@@ -16,7 +18,7 @@ use tokio::net::UnixDatagram;
 
 const WAIT: Duration = Duration::from_secs(20);
 const INSTALL_SYSTEMD: &str = "apt-get update && apt-get install -y systemd";
-const INSTALLED_BINARY: &str = "/usr/local/bin/relay-sidecar";
+const INSTALLED_BINARY: &str = "/usr/bin/relay-sidecar";
 
 fn sigterm(pid: u32) {
     nix::sys::signal::kill(
@@ -93,6 +95,11 @@ fn the_service_has_the_hardening_and_directories_it_promises() {
         "PrivateTmp=yes",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         "SystemCallFilter=@system-service",
+        "PrivateMounts=yes",
+        "ProtectProc=invisible",
+        "ProcSubset=pid",
+        // The socket's group must be able to reach it.
+        "RuntimeDirectoryMode=0755",
     ] {
         assert!(
             service.lines().any(|l| l.starts_with(line)),
@@ -106,24 +113,39 @@ fn the_service_has_the_hardening_and_directories_it_promises() {
 }
 
 #[test]
-fn the_sysusers_snippet_creates_the_user_and_group() {
+fn the_sysusers_and_tmpfiles_snippets_make_the_user_and_the_socket_directory() {
     let sysusers = require_tool("systemd-sysusers", INSTALL_SYSTEMD);
+    let tmpfiles = require_tool("systemd-tmpfiles", INSTALL_SYSTEMD);
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("etc")).unwrap();
-    let output = std::process::Command::new(sysusers)
-        .arg(format!("--root={}", root.path().display()))
-        .arg(repo_root().join("deploy/relay-sidecar.sysusers.conf"))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let run = |tool: &Path, snippet: &str| {
+        let output = std::process::Command::new(tool)
+            .arg(format!("--root={}", root.path().display()))
+            .args((tool == tmpfiles).then_some("--create"))
+            .arg(repo_root().join("deploy").join(snippet))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&sysusers, "relay-sidecar.sysusers");
     let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
     let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
     assert!(passwd.starts_with("relay-sidecar:"), "{passwd}");
     assert!(group.starts_with("relay-sidecar:"), "{group}");
+    let uid: u32 = passwd.split(':').nth(2).unwrap().parse().unwrap();
+
+    // Owned by the service's user, as its RuntimeDirectory= wants it, so
+    // that systemd leaves a socket unit's socket inside alone; open to all,
+    // so that the socket's own group decides.
+    run(&tmpfiles, "relay-sidecar.tmpfile");
+    let dir = std::fs::metadata(root.path().join("run/relay-sidecar")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(dir.is_dir());
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (uid, 0o755));
 }
 
 #[tokio::test]
