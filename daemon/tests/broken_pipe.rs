@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use relay_sidecar_client::ConnectionState;
 use support::Dialect;
 use support::free_port;
-use support::sidecar::{TestDaemon, daemon_args, daemon_command, dev_relay, registered};
+use support::sidecar::{TestDaemon, daemon_args, daemon_command, dev_relay, registered, relayctl};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -109,18 +109,6 @@ async fn a_daemon_whose_log_reader_died_keeps_serving_and_stops_on_sigint() {
     assert!(!socket.exists(), "the socket is removed on a clean stop");
 }
 
-fn relayctl(socket: &std::path::Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_relayctl"));
-    command
-        .arg("--socket")
-        .arg(socket)
-        .env_remove("RELAY_SIDECAR_SOCKET")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
-}
-
 #[tokio::test]
 async fn relayctl_exits_quietly_when_its_reader_has_gone() {
     let relay = dev_relay().await;
@@ -140,6 +128,7 @@ async fn relayctl_exits_quietly_when_its_reader_has_gone() {
     let status = relayctl(&daemon.socket)
         .arg("status")
         .stdout(into_head)
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let status = tokio::time::timeout(WAIT, status.wait_with_output())
@@ -165,6 +154,7 @@ async fn relayctl_exits_quietly_when_its_reader_has_gone() {
     let watch = relayctl(&daemon.socket)
         .arg("watch")
         .stdout(into_head)
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let first = tokio::time::timeout(WAIT, head.wait_with_output())

@@ -7,21 +7,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::Dialect;
-use support::sidecar::{TestDaemon, dev_relay};
+use support::sidecar::{TestDaemon, dev_relay, relayctl};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn relayctl(socket: &std::path::Path) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_relayctl"));
-    command
-        .arg("--socket")
-        .arg(socket)
-        .env_remove("RELAY_SIDECAR_SOCKET")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
-}
 
 async fn run(command: &mut tokio::process::Command) -> std::process::Output {
     tokio::time::timeout(WAIT, command.output())

@@ -140,6 +140,21 @@ def restarts(box: Container) -> int:
     return int(box.show(SERVICE, "NRestarts")["NRestarts"])
 
 
+def signalled_and_restarted(box: Container, signal: str) -> int:
+    """Sends the daemon `signal` and waits until systemd has restarted it
+    once; returns the pid it had."""
+    before, pid = restarts(box), main_pid(box)
+    box.sh(f"kill -{signal} {pid}")
+    box.wait_for(
+        f"a restart after SIG{signal}",
+        lambda: (
+            restarts(box) == before + 1
+            and box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
+        ),
+    )
+    return pid
+
+
 def refused(box: Container, user: str) -> str:
     """relayctl as `user` must fail to connect for lack of permission."""
     result = relayctl(box, user, "status", check=False)
@@ -319,15 +334,7 @@ def test_restart_after_kill_9(container: Container, installed: dict):
     box = container
     registered(box)
     uuid = status(box)["uuid"]
-    before, pid = restarts(box), main_pid(box)
-    box.sh(f"kill -KILL {pid}")
-    box.wait_for(
-        "a restart after SIGKILL",
-        lambda: (
-            restarts(box) == before + 1
-            and box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
-        ),
-    )
+    pid = signalled_and_restarted(box, "KILL")
     assert main_pid(box) not in (0, pid)
     registered(box)
     assert status(box)["uuid"] == uuid
@@ -340,16 +347,8 @@ def test_the_watchdog_restarts_a_hung_daemon(container: Container, installed: di
         box.run("systemctl", "daemon-reload")
         box.run("systemctl", "restart", SERVICE)
         registered(box)
-        before, pid = restarts(box), main_pid(box)
-        box.sh(f"kill -STOP {pid}")
-        box.wait_for(
-            "a restart by the watchdog",
-            lambda: (
-                restarts(box) == before + 1
-                and box.show(SERVICE, "ActiveState")["ActiveState"] == "active"
-            ),
-            timeout=30,
-        )
+        # Stopped, the daemon feeds the watchdog no more.
+        pid = signalled_and_restarted(box, "STOP")
         said = [e["MESSAGE"] for e in box.journal(SERVICE) if e.get("_PID") == "1"]
         assert any("Watchdog timeout" in m for m in said), said[-10:]
         assert main_pid(box) != pid

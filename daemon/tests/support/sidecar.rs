@@ -139,6 +139,19 @@ pub fn daemon_command() -> tokio::process::Command {
     command
 }
 
+/// The relayctl binary, run as a child process against the daemon on
+/// `socket` (and no socket from the environment).
+pub fn relayctl(socket: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_relayctl"));
+    command
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("RELAY_SIDECAR_SOCKET")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 /// A plain tonic channel to the daemon on `socket`, for clients other than
 /// the SDK's (health, reflection): `:authority` is `localhost`.
 pub async fn channel(socket: &Path) -> tonic::transport::Channel {
