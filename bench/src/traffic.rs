@@ -87,7 +87,7 @@ pub async fn wait_for(changed: &Notify, ready: impl Fn() -> bool) {
 
 /// Whether a receiver that has counted `n` of `count` messages reports it.
 pub fn reports(n: u64, count: u64) -> bool {
-    n % FLUSH_EVERY == 0 || n == count
+    n.is_multiple_of(FLUSH_EVERY) || n == count
 }
 
 pub fn rate(count: u64, elapsed: Duration) -> f64 {

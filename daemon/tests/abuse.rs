@@ -94,10 +94,10 @@ impl Bin {
         tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("\"serving\"") {
-                    if let Some(ready) = ready.take() {
-                        let _ = ready.send(());
-                    }
+                if line.contains("\"serving\"")
+                    && let Some(ready) = ready.take()
+                {
+                    let _ = ready.send(());
                 }
                 kept.lock().unwrap().push(line);
             }

@@ -401,17 +401,17 @@ impl PyRelay {
 
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    let tail = self.log_tail();
-                    let why = if tail.contains("address already in use") {
-                        "port in use"
-                    } else {
-                        "exited"
-                    };
-                    return Err(format!("{why} before accepting connections ({status})"));
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                let tail = self.log_tail();
+                let why = if tail.contains("address already in use") {
+                    "port in use"
+                } else {
+                    "exited"
+                };
+                return Err(format!("{why} before accepting connections ({status})"));
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
