@@ -736,22 +736,22 @@ fn precheck(key: &str, given: &Given<'_>, origin: &Origin) -> Result<(), ConfigE
         Given::Toml(toml::Value::String(text)) => Some(text.as_str()),
         Given::Toml(_) => None,
     };
-    if key == "socket_mode" {
-        if let Given::Toml(toml::Value::Integer(n)) = given {
-            // 0o660 and 432 are the same TOML number, and 660 is another:
-            // a number cannot say which was meant.
-            let written = if (0..=0o777).contains(n) {
-                format!("0{n:o}")
-            } else if n.to_string().bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-                format!("0{n}")
-            } else {
-                "0660".to_owned()
-            };
-            return error(format!(
-                "{n} is a TOML number, which cannot say whether octal was meant; write the \
+    if key == "socket_mode"
+        && let Given::Toml(toml::Value::Integer(n)) = given
+    {
+        // 0o660 and 432 are the same TOML number, and 660 is another:
+        // a number cannot say which was meant.
+        let written = if (0..=0o777).contains(n) {
+            format!("0{n:o}")
+        } else if n.to_string().bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            format!("0{n}")
+        } else {
+            "0660".to_owned()
+        };
+        return error(format!(
+            "{n} is a TOML number, which cannot say whether octal was meant; write the \
                  permission as a string, e.g. socket_mode = \"{written}\""
-            ));
-        }
+        ));
     }
     if key == "dialect"
         && let Some(text) = text
