@@ -122,6 +122,7 @@ pub fn send_request(to: &str, kind: &str, description: String, worker: &str) -> 
         description_type: kind.to_owned(),
         description,
         worker: worker.to_owned(),
+        ..Default::default()
     }
 }
 

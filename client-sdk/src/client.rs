@@ -68,6 +68,8 @@ pub struct SendFailure {
 pub struct SendOptions {
     worker: Option<String>,
     timeout: Option<Duration>,
+    conversation: bool,
+    wait_for_conversation: bool,
 }
 
 impl SendOptions {
@@ -89,6 +91,24 @@ impl SendOptions {
         self.timeout = Some(timeout);
         self
     }
+
+    /// Takes part in the conversation with the peer: claims it for this
+    /// worker if nobody holds it, renews it if this worker does. The worker
+    /// needs an open subscription made with
+    /// [`SubscribeOptions::conversations`], where the peer's replies arrive.
+    /// While another worker holds it the send fails with [`Error::Aborted`].
+    pub fn conversation(mut self) -> Self {
+        self.conversation = true;
+        self
+    }
+
+    /// While another worker holds the peer's conversation, waits for it to
+    /// end (up to the [`timeout`](Self::timeout), else the daemon's send
+    /// timeout) instead of failing at once with [`Error::Aborted`].
+    pub fn wait_for_conversation(mut self) -> Self {
+        self.wait_for_conversation = true;
+        self
+    }
 }
 
 /// Per-call options for [`Client::subscribe_with`].
@@ -102,6 +122,7 @@ impl SendOptions {
 pub struct SubscribeOptions {
     group: Option<String>,
     exclusive: bool,
+    conversations: bool,
 }
 
 impl SubscribeOptions {
@@ -123,6 +144,16 @@ impl SubscribeOptions {
     /// this one is dropped. Needs a [`group`](Self::group).
     pub fn exclusive(mut self) -> Self {
         self.exclusive = true;
+        self
+    }
+
+    /// A conversation subscription: it receives the messages of the
+    /// conversations its worker holds (claimed by a send with
+    /// [`SendOptions::conversation`], or started by a peer's offer handed to
+    /// it), and nothing else. For anything that answers WebRTC offers; see
+    /// the contract's "Conversations".
+    pub fn conversations(mut self) -> Self {
+        self.conversations = true;
         self
     }
 }
@@ -203,6 +234,8 @@ impl Client {
                 .worker
                 .or_else(|| self.worker.clone())
                 .unwrap_or_default(),
+            conversation: options.conversation,
+            wait_for_conversation: options.wait_for_conversation,
         });
         if let Some(timeout) = options.timeout {
             request.set_timeout(timeout);
@@ -229,6 +262,7 @@ impl Client {
             description_type: m.kind.to_string(),
             description: m.description,
             worker: worker.clone(),
+            ..Default::default()
         });
         let mut progress = self.inner.clone().send_stream(requests).await?.into_inner();
         let mut report = StreamReport::default();
@@ -270,6 +304,7 @@ impl Client {
             group: options.group.unwrap_or_default(),
             worker: self.worker.clone().unwrap_or_default(),
             exclusive: options.exclusive,
+            conversations: options.conversations,
         };
         // The identity a resumed subscription must find again.
         let uuid = self.status().await?.uuid;
@@ -287,6 +322,44 @@ impl Client {
             resumed: 0,
             state: Receiving::Open(inner),
         })
+    }
+
+    /// Claims the conversation with `peer` for this worker without sending,
+    /// or renews it if the worker holds it: what keeps a conversation whose
+    /// WebRTC connection is up (and so quiet on the relay). Returns how long
+    /// it lasts without another sign of life; renew well within it. With
+    /// `wait`, waits up to that long for another worker's conversation with
+    /// `peer` to end; without, fails at once with [`Error::Aborted`].
+    pub async fn hold_conversation(
+        &self,
+        peer: Uuid,
+        wait: Option<Duration>,
+    ) -> Result<Duration, Error> {
+        let mut request = tonic::Request::new(v1::HoldConversationRequest {
+            peer_uuid: peer.to_string(),
+            worker: self.worker.clone().unwrap_or_default(),
+            wait: wait.is_some(),
+        });
+        if let Some(wait) = wait {
+            request.set_timeout(wait);
+        }
+        let response = self.inner.clone().hold_conversation(request).await?;
+        let left = response.into_inner().expires_in.unwrap_or_default();
+        Ok(Duration::new(
+            u64::try_from(left.seconds).unwrap_or(0),
+            u32::try_from(left.nanos).unwrap_or(0),
+        ))
+    }
+
+    /// Ends this worker's conversation with `peer`; `false` if it did not
+    /// hold it (another worker's is left alone).
+    pub async fn release_conversation(&self, peer: Uuid) -> Result<bool, Error> {
+        let request = v1::ReleaseConversationRequest {
+            peer_uuid: peer.to_string(),
+            worker: self.worker.clone().unwrap_or_default(),
+        };
+        let response = self.inner.clone().release_conversation(request).await?;
+        Ok(response.into_inner().released)
     }
 
     /// The daemon's identity, connection state and counters.

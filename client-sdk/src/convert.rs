@@ -45,6 +45,12 @@ impl From<v1::Counters> for Counters {
             dropped_no_subscriber: c.dropped_no_subscriber,
             dropped_queue_full: c.dropped_queue_full,
             workers: c.workers,
+            conversations: c.conversations,
+            conversation_conflicts: c.conversation_conflicts,
+            conversations_expired: c.conversations_expired,
+            offers_refused: c.offers_refused,
+            dropped_expired: c.dropped_expired,
+            dropped_no_conversation: c.dropped_no_conversation,
         }
     }
 }
@@ -153,6 +159,12 @@ mod tests {
                 dropped_no_subscriber: 9,
                 dropped_queue_full: 10,
                 workers: 11,
+                conversations: 12,
+                conversation_conflicts: 13,
+                conversations_expired: 14,
+                offers_refused: 15,
+                dropped_expired: 16,
+                dropped_no_conversation: 17,
             }),
             version: "0.1.0".into(),
         }
@@ -181,9 +193,15 @@ mod tests {
                 c.delivered,
                 c.dropped_no_subscriber,
                 c.dropped_queue_full,
-                c.workers
+                c.workers,
+                c.conversations,
+                c.conversation_conflicts,
+                c.conversations_expired,
+                c.offers_refused,
+                c.dropped_expired,
+                c.dropped_no_conversation,
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
         );
         assert_eq!(s.version, "0.1.0");
     }

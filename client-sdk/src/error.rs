@@ -56,6 +56,16 @@ pub enum Error {
     /// has (or is held by) another subscription (`ALREADY_EXISTS`).
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// Another local worker holds the conversation with the peer; nothing
+    /// was sent (`ABORTED`). The message names the holder; retry once it
+    /// has ended, or wait for it with
+    /// [`SendOptions::wait_for_conversation`](crate::SendOptions::wait_for_conversation).
+    #[error("aborted: {0}")]
+    Aborted(String),
+    /// The host holds as many conversations as it keeps; nothing was sent
+    /// (`RESOURCE_EXHAUSTED`).
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
     /// The daemon sent something this SDK cannot understand (a malformed
     /// uuid, an unknown enum value, a missing field).
     #[error("protocol error: {0}")]
@@ -75,6 +85,8 @@ impl From<tonic::Status> for Error {
             Code::FailedPrecondition => Error::FailedPrecondition(message()),
             Code::PermissionDenied => Error::PermissionDenied(message()),
             Code::AlreadyExists => Error::AlreadyExists(message()),
+            Code::Aborted => Error::Aborted(message()),
+            Code::ResourceExhausted => Error::ResourceExhausted(message()),
             _ => Error::Status(status),
         }
     }
@@ -131,6 +143,14 @@ mod tests {
             (
                 tonic::Status::already_exists("group: held"),
                 "already exists: group: held",
+            ),
+            (
+                tonic::Status::aborted("conversation: held"),
+                "aborted: conversation: held",
+            ),
+            (
+                tonic::Status::resource_exhausted("conversation: full"),
+                "resource exhausted: conversation: full",
             ),
         ];
         for (status, text) in cases {

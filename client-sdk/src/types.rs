@@ -129,10 +129,24 @@ pub struct Counters {
     pub delivered: u64,
     /// Of `dropped`: lost while nobody was subscribed and the buffer was full.
     pub dropped_no_subscriber: u64,
-    /// Of `dropped`: lost by a group whose members' queues were all full.
+    /// Of `dropped`: lost by a group whose members' queues were all full, or
+    /// by a conversation's holder whose queue was full.
     pub dropped_queue_full: u64,
     /// Distinct workers with an open Subscribe stream now.
     pub workers: u64,
+    /// Conversations held now (shrinks as well as grows).
+    pub conversations: u64,
+    /// Sends and holds refused because another worker held the conversation.
+    pub conversation_conflicts: u64,
+    /// Conversations that ended because nothing renewed them in time.
+    pub conversations_expired: u64,
+    /// Offers from remote peers answered with a refusal.
+    pub offers_refused: u64,
+    /// Of `dropped`: waited for the first subscriber longer than `backlog_ttl`.
+    pub dropped_expired: u64,
+    /// Of `dropped`: only conversation subscribers were there, and the
+    /// message belonged to no conversation.
+    pub dropped_no_conversation: u64,
 }
 
 /// The daemon's identity, connection state and counters.

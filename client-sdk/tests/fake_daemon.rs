@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
 use relay_sidecar_client::{
-    ConnectionState, DescriptionType, Error, SendOptions, connect,
+    ConnectionState, DescriptionType, Error, SendOptions, SubscribeOptions, connect,
     proto::v1::{self, relay_sidecar_server::RelaySidecarServer},
 };
 use tokio::net::UnixListener;
@@ -109,8 +109,13 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
         if r.peer_uuid == FAILED_PEER.to_string() {
             return Err(tonic::Status::failed_precondition("relay closed with 4004"));
         }
+        let conversation = match (r.conversation, r.wait_for_conversation) {
+            (false, false) => "",
+            (true, false) => " conversation",
+            (_, true) => " conversation+wait",
+        };
         self.0.push(format!(
-            "send {} {} {} worker={:?} timeout={:?}",
+            "send {} {} {} worker={:?} timeout={:?}{conversation}",
             r.peer_uuid, r.description_type, r.description, r.worker, timeout
         ));
         Ok(Response::new(v1::SendResponse {}))
@@ -133,8 +138,8 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
     ) -> Result<Response<Self::SubscribeStream>, tonic::Status> {
         let r = request.into_inner();
         self.0.push(format!(
-            "subscribe group={:?} worker={:?}",
-            r.group, r.worker
+            "subscribe group={:?} worker={:?} exclusive={} conversations={}",
+            r.group, r.worker, r.exclusive, r.conversations
         ));
         // Each subscription gets two messages, then the stream ends as it
         // does when the daemon stops.
@@ -143,6 +148,38 @@ impl v1::relay_sidecar_server::RelaySidecar for Fake {
             Ok(peer_message("back", true)),
         ];
         Ok(Response::new(Box::pin(stream::iter(items))))
+    }
+
+    async fn hold_conversation(
+        &self,
+        request: Request<v1::HoldConversationRequest>,
+    ) -> Result<Response<v1::HoldConversationResponse>, tonic::Status> {
+        let r = request.into_inner();
+        if r.peer_uuid == FAILED_PEER.to_string() {
+            return Err(tonic::Status::aborted("conversation: held by \"w9\""));
+        }
+        self.0.push(format!(
+            "hold {} worker={:?} wait={}",
+            r.peer_uuid, r.worker, r.wait
+        ));
+        Ok(Response::new(v1::HoldConversationResponse {
+            expires_in: Some(relay_sidecar_proto::prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+        }))
+    }
+
+    async fn release_conversation(
+        &self,
+        request: Request<v1::ReleaseConversationRequest>,
+    ) -> Result<Response<v1::ReleaseConversationResponse>, tonic::Status> {
+        let r = request.into_inner();
+        self.0
+            .push(format!("release {} worker={:?}", r.peer_uuid, r.worker));
+        Ok(Response::new(v1::ReleaseConversationResponse {
+            released: true,
+        }))
     }
 
     async fn reconnect(
@@ -243,6 +280,20 @@ async fn unary_calls_convert_and_map_errors() {
         .send_with(peer, DescriptionType::Offer, "sdp-3", options)
         .await
         .unwrap();
+    let claim = SendOptions::new().conversation();
+    client
+        .send_with(peer, DescriptionType::Offer, "sdp-4", claim.clone())
+        .await
+        .unwrap();
+    client
+        .send_with(
+            peer,
+            DescriptionType::Offer,
+            "sdp-5",
+            claim.wait_for_conversation(),
+        )
+        .await
+        .unwrap();
     let lines: Vec<String> = seen
         .take()
         .into_iter()
@@ -254,6 +305,32 @@ async fn unary_calls_convert_and_map_errors() {
             format!("send {PEER} offer sdp-1 worker=\"\" timeout=None"),
             format!("send {PEER} answer sdp-2 worker=\"w1\" timeout=None"),
             format!("send {PEER} offer sdp-3 worker=\"w2\" timeout=Some(\"1500000u\")"),
+            format!("send {PEER} offer sdp-4 worker=\"w1\" timeout=None conversation"),
+            format!("send {PEER} offer sdp-5 worker=\"w1\" timeout=None conversation+wait"),
+        ]
+    );
+
+    assert_eq!(
+        client.hold_conversation(peer, None).await.unwrap(),
+        Duration::from_secs(60)
+    );
+    assert!(client.release_conversation(peer).await.unwrap());
+    let err = client
+        .hold_conversation(FAILED_PEER, Some(Duration::from_secs(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Aborted(m) if m.contains("w9")),
+        "{err:?}"
+    );
+    assert_eq!(
+        seen.take()
+            .into_iter()
+            .filter(|l| !l.starts_with("authority"))
+            .collect::<Vec<_>>(),
+        [
+            format!("hold {PEER} worker=\"w1\" wait=false"),
+            format!("release {PEER} worker=\"w1\""),
         ]
     );
 
@@ -316,10 +393,14 @@ async fn streams_yield_domain_types() {
         "{err}"
     );
     assert!(sub.next_message().await.unwrap().is_none());
-    assert!(
-        seen.take()
-            .contains(&"subscribe group=\"g\" worker=\"w1\"".to_owned())
-    );
+    assert!(seen.take().contains(
+        &"subscribe group=\"g\" worker=\"w1\" exclusive=false conversations=false".to_owned()
+    ));
+    let options = SubscribeOptions::new().group("g").conversations();
+    drop(client.subscribe_with(options).await.unwrap());
+    assert!(seen.take().contains(
+        &"subscribe group=\"g\" worker=\"w1\" exclusive=false conversations=true".to_owned()
+    ));
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::codec::Dialect;
+use crate::router::UnclaimedOffers;
 
 /// The prefix of the environment variables that set keys.
 pub const ENV_PREFIX: &str = "RELAY_SIDECAR";
@@ -121,11 +122,23 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Messages a subscriber may have waiting before it loses messages.
     pub subscriber_queue: usize,
+    /// Bytes a subscriber may have waiting before it loses messages.
+    pub subscriber_queue_bytes: usize,
     /// Messages kept while nobody is subscribed.
     pub backlog: usize,
+    /// Bytes kept while nobody is subscribed.
+    pub backlog_bytes: usize,
+    /// How long a message may wait for the first subscriber.
+    #[serde(with = "humantime_serde")]
+    pub backlog_ttl: Duration,
     /// How long a worker's send to a peer binds that peer's replies to it.
     #[serde(with = "humantime_serde")]
     pub affinity: Duration,
+    /// How long a conversation with a peer lasts after its last sign of life.
+    #[serde(with = "humantime_serde")]
+    pub conversation_ttl: Duration,
+    /// What happens to an offer from a peer while nobody is subscribed.
+    pub unclaimed_offers: UnclaimedOffers,
     /// Run an embedded relay on loopback and use it.
     pub dev: bool,
     /// Where the embedded relay listens.
@@ -175,8 +188,13 @@ impl Default for Settings {
             lazy: false,
             max_message_bytes: 1 << 20,
             subscriber_queue: 1024,
+            subscriber_queue_bytes: 8 << 20,
             backlog: 1024,
+            backlog_bytes: 8 << 20,
+            backlog_ttl: Duration::from_secs(10),
             affinity: Duration::from_secs(60),
+            conversation_ttl: Duration::from_secs(60),
+            unclaimed_offers: UnclaimedOffers::Refuse,
             dev: false,
             dev_listen: "127.0.0.1:8700".into(),
             log_format: "auto".into(),
@@ -512,6 +530,8 @@ impl Settings {
             ("affinity", self.affinity),
             ("handshake_timeout", self.handshake_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("backlog_ttl", self.backlog_ttl),
+            ("conversation_ttl", self.conversation_ttl),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(key, "must be more than zero"));
@@ -526,8 +546,10 @@ impl Settings {
         for (key, value) in [
             ("max_message_bytes", self.max_message_bytes),
             ("subscriber_queue", self.subscriber_queue),
+            ("subscriber_queue_bytes", self.subscriber_queue_bytes),
             ("backlog", self.backlog),
             ("max_connections", self.max_connections),
+            ("backlog_bytes", self.backlog_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be more than zero"));

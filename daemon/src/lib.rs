@@ -167,14 +167,20 @@ impl Daemon {
             .collect::<Result<Vec<_>, ConfigError>>()?;
 
         let counters = Arc::new(Counters::default());
-        let router = Router::new(
+        let (router, refusals) = Router::new(
             Limits {
                 subscriber_queue: settings.subscriber_queue,
+                subscriber_queue_bytes: settings.subscriber_queue_bytes,
                 backlog: settings.backlog,
+                backlog_bytes: settings.backlog_bytes,
+                backlog_ttl: settings.backlog_ttl,
                 affinity: settings.affinity,
+                conversation_ttl: settings.conversation_ttl,
+                unclaimed_offers: settings.unclaimed_offers,
             },
             Arc::clone(&counters),
         );
+        let sweeper = Arc::clone(&router).sweep(shutdown.clone());
         let (connection, handle) = Connection::new(
             LinkOptions {
                 url: relay_url.clone(),
@@ -248,6 +254,8 @@ impl Daemon {
             info!(%addr, "metrics at /metrics");
         }
         tasks.spawn(connection.run());
+        tasks.spawn(sweeper);
+        tasks.spawn(service.clone().answer_refusals(refusals, shutdown.clone()));
         tasks.spawn(systemd::run(states.clone(), shutdown.clone()));
         let connections = Connections::new(
             Budget {

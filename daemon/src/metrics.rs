@@ -325,6 +325,21 @@ impl Collector for LinkCollector {
                 "Log lines that stderr would not take (a closed pipe, a full disk)",
                 crate::logging::dropped_lines(),
             ),
+            (
+                "offers_refused",
+                "Offers from peers answered with a refusal (nobody could take the conversation)",
+                c.offers_refused,
+            ),
+            (
+                "conversation_conflicts",
+                "Sends refused because another local worker held the peer's conversation",
+                c.conversation_conflicts,
+            ),
+            (
+                "conversations_expired",
+                "Conversations ended because nothing renewed them in time",
+                c.conversations_expired,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(
@@ -337,13 +352,15 @@ impl Collector for LinkCollector {
 
         let mut dropped = encoder.encode_descriptor(
             "messages_dropped",
-            "Messages from peers lost: the backlog was full while nobody was subscribed, or every subscriber's queue in a group was full",
+            "Messages from peers lost: the backlog was full while nobody was subscribed, a queue was full, a message waited too long in the backlog, or it belonged to no conversation",
             None,
             MetricType::Counter,
         )?;
         for (reason, value) in [
             ("no_subscriber", c.dropped_no_subscriber),
             ("queue_full", c.dropped_queue_full),
+            ("expired", c.dropped_expired),
+            ("no_conversation", c.dropped_no_conversation),
         ] {
             ConstCounter::new(value).encode(dropped.encode_family(&[("reason", reason)])?)?;
         }
@@ -358,6 +375,11 @@ impl Collector for LinkCollector {
                 "workers",
                 "Distinct local workers with an open Subscribe stream",
                 self.link.router.workers(),
+            ),
+            (
+                "conversations",
+                "Conversations with remote peers held by local workers",
+                self.link.router.conversations(),
             ),
         ] {
             let gauge = ConstGauge::new(value as i64);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use relay_sidecar_proto::v1;
 use relay_sidecar_proto::v1::relay_sidecar_server::RelaySidecar;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,9 @@ use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
 use crate::limits::{FAR_DEADLINE, GRPC_TIMEOUT_DIGITS};
 use crate::relay::{Handle, Outgoing, SendError, Ticket};
-use crate::router::{Interest, PeerMessage, Router, SubscribeError, Worker};
+use crate::router::{
+    Claimed, Interest, MAX_LABEL_BYTES, PeerMessage, Refusal, Router, RouterError, Worker,
+};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
 /// The most messages of one SendStream taken together: what has arrived is
@@ -34,6 +37,10 @@ const CHUNKS_IN_FLIGHT: usize = 16;
 
 /// The most a Send keeps back from the caller's deadline to answer in time.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
+/// How long an answer to a refused offer may wait for the relay connection:
+/// past this, its sender has given up or will get the relay's own answer.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -84,7 +91,9 @@ impl Service {
                 } else {
                     Worker::label(&request.worker)
                 };
-                self.inner.router.note_send(&worker, peer);
+                self.inner
+                    .router
+                    .try_clear_to_send(&worker, peer, request.conversation)?;
                 Ok(Outgoing { peer, frame })
             });
             match encoded {
@@ -106,12 +115,8 @@ impl Service {
 
     /// Validates and encodes a send request. Nothing invalid reaches the relay.
     fn encode(&self, request: &v1::SendRequest) -> Result<(Uuid, String), Status> {
-        let peer_uuid = Uuid::parse_str(&request.peer_uuid).map_err(|e| {
-            Status::invalid_argument(format!(
-                "peer_uuid: {:?} is not a UUID ({e})",
-                request.peer_uuid
-            ))
-        })?;
+        let peer_uuid = parse_peer(&request.peer_uuid)?;
+        check_label("worker", &request.worker)?;
         if !DESCRIPTION_TYPES.contains(&request.description_type.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "description_type: {:?} is not \"offer\" or \"answer\"",
@@ -179,10 +184,79 @@ impl Service {
                 dropped_no_subscriber: c.dropped_no_subscriber,
                 dropped_queue_full: c.dropped_queue_full,
                 workers: inner.router.workers() as u64,
+                conversations: inner.router.conversations() as u64,
+                conversation_conflicts: c.conversation_conflicts,
+                conversations_expired: c.conversations_expired,
+                offers_refused: c.offers_refused,
+                dropped_expired: c.dropped_expired,
+                dropped_no_conversation: c.dropped_no_conversation,
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
+
+    /// Answers the offers the router refused, each with a message to its
+    /// sender that carries the reason in `error`: a ProxyStore peer then
+    /// fails its connection attempt at once (`PeerConnectionError`), as it
+    /// would if this host were not registered. Runs until `shutdown`.
+    pub async fn answer_refusals(
+        self,
+        mut refusals: mpsc::Receiver<Refusal>,
+        shutdown: CancellationToken,
+    ) {
+        let identity = &self.inner.identity;
+        loop {
+            let refusal = tokio::select! {
+                refusal = refusals.recv() => match refusal {
+                    Some(refusal) => refusal,
+                    None => return,
+                },
+                () = shutdown.cancelled() => return,
+            };
+            let error = format!(
+                "relay-sidecar on {}: {}",
+                identity.name,
+                refusal.why.describe()
+            );
+            let frame = codec::encode_peer(
+                identity.uuid,
+                &identity.name,
+                refusal.peer,
+                "answer",
+                "",
+                Some(&error),
+            );
+            // One at a time (a dropped ticket would not be written): a
+            // flood of offers fills the router's queue of refusals instead.
+            // How it went is of no use to anyone here.
+            let outgoing = Outgoing {
+                peer: refusal.peer,
+                frame,
+            };
+            let deadline = Instant::now() + REFUSAL_TIMEOUT;
+            if let Ok(ticket) = self.inner.relay.submit(outgoing, deadline).await {
+                let _ = ticket.outcome().await;
+            }
+        }
+    }
+}
+
+/// A request's `peer_uuid`, parsed.
+fn parse_peer(peer_uuid: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(peer_uuid).map_err(|e| {
+        Status::invalid_argument(format!("peer_uuid: {peer_uuid:?} is not a UUID ({e})"))
+    })
+}
+
+/// Refuses a worker label or group name longer than the router keeps.
+fn check_label(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > MAX_LABEL_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {} bytes, over the limit of {MAX_LABEL_BYTES}",
+            value.len()
+        )));
+    }
+    Ok(())
 }
 
 fn state_to_proto(state: ConnectionState) -> v1::ConnectionState {
@@ -241,15 +315,24 @@ impl Chunk {
     }
 }
 
-impl From<SubscribeError> for Status {
-    fn from(e: SubscribeError) -> Self {
+impl From<RouterError> for Status {
+    fn from(e: RouterError) -> Self {
         match e {
-            SubscribeError::ExclusiveWithoutGroup => Status::invalid_argument(e.to_string()),
-            SubscribeError::GroupInUse { .. } | SubscribeError::GroupHeld { .. } => {
+            RouterError::ExclusiveWithoutGroup | RouterError::NoConversationSubscription { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            RouterError::GroupInUse { .. } | RouterError::GroupHeld { .. } => {
                 Status::already_exists(e.to_string())
             }
+            RouterError::Held { .. } => Status::aborted(e.to_string()),
+            RouterError::Full => Status::resource_exhausted(e.to_string()),
         }
     }
+}
+
+/// Whether a failed send certainly wrote nothing to the relay.
+fn nothing_sent(e: &SendError) -> bool {
+    !matches!(e, SendError::Unconfirmed(_))
 }
 
 impl From<SendError> for Status {
@@ -371,22 +454,41 @@ impl RelaySidecar for Service {
     ) -> Result<Response<v1::SendResponse>, Status> {
         let (peer, frame) = self.encode(request.get_ref())?;
         let worker = caller(&request, &request.get_ref().worker);
-        self.inner.router.note_send(&worker, peer);
         let deadline = deadline_in(self.wait_budget(&request));
-        let ticket = self
-            .inner
-            .relay
-            .submit(Outgoing { peer, frame }, deadline)
+        let v1::SendRequest {
+            conversation,
+            wait_for_conversation,
+            ..
+        } = *request.get_ref();
+        let router = &self.inner.router;
+        let claimed = router
+            .clear_to_send(
+                &worker,
+                peer,
+                conversation,
+                wait_for_conversation.then_some(deadline),
+            )
             .await?;
-        if call_timeout(&request).is_some() {
-            // Written, or about to be: past the caller's deadline, nobody
-            // knows whether the relay forwarded it.
-            tokio::time::timeout_at(deadline, ticket.outcome())
-                .await
-                .map_err(|_| deadline_exceeded())??;
-        } else {
-            ticket.outcome().await?;
+        let sent = match self.inner.relay.submit(Outgoing { peer, frame }, deadline).await {
+            Ok(ticket) if call_timeout(&request).is_some() => {
+                match tokio::time::timeout_at(deadline, ticket.outcome()).await {
+                    Ok(outcome) => outcome,
+                    // Written, or about to be: past the caller's deadline,
+                    // nobody knows whether the relay forwarded it.
+                    Err(_) => return Err(deadline_exceeded()),
+                }
+            }
+            Ok(ticket) => ticket.outcome().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &sent
+            && claimed == Some(Claimed::New)
+            && nothing_sent(e)
+        {
+            // Nothing went out: the claim would only keep others away.
+            router.release(&worker, peer);
         }
+        sent?;
         Ok(Response::new(v1::SendResponse {}))
     }
 
@@ -459,11 +561,14 @@ impl RelaySidecar for Service {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        check_label("worker", &request.get_ref().worker)?;
+        check_label("group", &request.get_ref().group)?;
         let worker = caller(&request, &request.get_ref().worker);
         let request = request.into_inner();
         let interest = Interest {
             group: Some(request.group).filter(|g| !g.is_empty()),
             exclusive: request.exclusive,
+            conversations: request.conversations,
         };
         let subscription = self.inner.router.subscribe(interest, worker)?;
         self.inner.relay.wake();
@@ -471,6 +576,37 @@ impl RelaySidecar for Service {
             .map(|message| Ok(message_to_proto(message)))
             .take_until(self.inner.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn hold_conversation(
+        &self,
+        request: Request<v1::HoldConversationRequest>,
+    ) -> Result<Response<v1::HoldConversationResponse>, Status> {
+        let peer = parse_peer(&request.get_ref().peer_uuid)?;
+        check_label("worker", &request.get_ref().worker)?;
+        let worker = caller(&request, &request.get_ref().worker);
+        let wait_until = request
+            .get_ref()
+            .wait
+            .then(|| deadline_in(self.wait_budget(&request)));
+        let left = self.inner.router.hold(&worker, peer, wait_until).await?;
+        Ok(Response::new(v1::HoldConversationResponse {
+            expires_in: Some(relay_sidecar_proto::prost_types::Duration {
+                seconds: left.as_secs() as i64,
+                nanos: left.subsec_nanos() as i32,
+            }),
+        }))
+    }
+
+    async fn release_conversation(
+        &self,
+        request: Request<v1::ReleaseConversationRequest>,
+    ) -> Result<Response<v1::ReleaseConversationResponse>, Status> {
+        let peer = parse_peer(&request.get_ref().peer_uuid)?;
+        check_label("worker", &request.get_ref().worker)?;
+        let worker = caller(&request, &request.get_ref().worker);
+        let released = self.inner.router.release(&worker, peer);
+        Ok(Response::new(v1::ReleaseConversationResponse { released }))
     }
 
     async fn reconnect(

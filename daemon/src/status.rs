@@ -72,8 +72,21 @@ pub struct Counters {
     pub bounced: AtomicU64,
     /// Dropped because the backlog was full while nobody was subscribed.
     pub dropped_no_subscriber: AtomicU64,
-    /// Dropped for a group because every member's queue was full.
+    /// Dropped for a group because every member's queue was full, or
+    /// because the queue of a conversation's holder was full.
     pub dropped_queue_full: AtomicU64,
+    /// Dropped because they waited in the backlog longer than its ttl.
+    pub dropped_expired: AtomicU64,
+    /// Dropped because only conversation subscribers were there and the
+    /// message belonged to no conversation.
+    pub dropped_no_conversation: AtomicU64,
+    /// Offers from remote peers answered with a refusal.
+    pub offers_refused: AtomicU64,
+    /// Sends and holds refused because another worker held the peer's
+    /// conversation.
+    pub conversation_conflicts: AtomicU64,
+    /// Conversations ended by their time-to-live.
+    pub conversations_expired: AtomicU64,
     pub delivered: AtomicU64,
     pub reconnects: AtomicU64,
     pub undecodable: AtomicU64,
@@ -87,6 +100,11 @@ pub struct CounterSnapshot {
     pub bounced: u64,
     pub dropped_no_subscriber: u64,
     pub dropped_queue_full: u64,
+    pub dropped_expired: u64,
+    pub dropped_no_conversation: u64,
+    pub offers_refused: u64,
+    pub conversation_conflicts: u64,
+    pub conversations_expired: u64,
     pub delivered: u64,
     pub reconnects: u64,
     pub undecodable: u64,
@@ -95,7 +113,10 @@ pub struct CounterSnapshot {
 impl CounterSnapshot {
     /// Every inbound message dropped, whatever the reason.
     pub fn dropped(&self) -> u64 {
-        self.dropped_no_subscriber + self.dropped_queue_full
+        self.dropped_no_subscriber
+            + self.dropped_queue_full
+            + self.dropped_expired
+            + self.dropped_no_conversation
     }
 }
 
@@ -112,6 +133,11 @@ impl Counters {
             bounced: get(&self.bounced),
             dropped_no_subscriber: get(&self.dropped_no_subscriber),
             dropped_queue_full: get(&self.dropped_queue_full),
+            dropped_expired: get(&self.dropped_expired),
+            dropped_no_conversation: get(&self.dropped_no_conversation),
+            offers_refused: get(&self.offers_refused),
+            conversation_conflicts: get(&self.conversation_conflicts),
+            conversations_expired: get(&self.conversations_expired),
             delivered: get(&self.delivered),
             reconnects: get(&self.reconnects),
             undecodable: get(&self.undecodable),

@@ -755,6 +755,7 @@ fn send_request(peer: Uuid, description: String) -> v1::SendRequest {
         description_type: "offer".into(),
         description,
         worker: String::new(),
+        ..Default::default()
     }
 }
 
@@ -922,11 +923,7 @@ async fn reconnect_needs_an_admin_and_is_rate_limited() {
     for _ in 0..20 {
         match client.reconnect().await {
             Ok(()) => ok += 1,
-            Err(relay_sidecar_client::Error::Status(s))
-                if s.code() == tonic::Code::ResourceExhausted =>
-            {
-                exhausted += 1
-            }
+            Err(relay_sidecar_client::Error::ResourceExhausted(_)) => exhausted += 1,
             Err(e) => panic!("{e:?}"),
         }
     }

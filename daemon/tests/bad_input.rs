@@ -19,6 +19,7 @@ fn request(peer_uuid: &str, description_type: &str, description: String) -> v1::
         description_type: description_type.to_owned(),
         description,
         worker: String::new(),
+        ..Default::default()
     }
 }
 

@@ -66,10 +66,17 @@ async fn status_until(client: &Client, done: impl Fn(&Status) -> bool) -> Status
 }
 
 async fn send_numbered(from: &Client, to: Uuid, range: std::ops::Range<usize>) {
+    send_numbered_as(from, to, range, DescriptionType::Offer).await;
+}
+
+async fn send_numbered_as(
+    from: &Client,
+    to: Uuid,
+    range: std::ops::Range<usize>,
+    kind: DescriptionType,
+) {
     for n in range {
-        from.send(to, DescriptionType::Offer, n.to_string())
-            .await
-            .unwrap();
+        from.send(to, kind, n.to_string()).await.unwrap();
     }
 }
 
@@ -205,18 +212,28 @@ async fn replies_and_bounces_go_to_the_worker_that_sent() {
 #[tokio::test]
 async fn the_first_subscriber_gets_the_backlog_in_order() {
     let relay = dev_relay().await;
-    let host = TestDaemon::start(&relay.url(), Dialect::Current).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = settings(dir.path(), &relay.url(), Dialect::Current);
+    // However slow this machine is: the time-to-live is not under test here.
+    config.backlog_ttl = Duration::from_secs(600);
+    let host = TestDaemon::start_with(config).await;
     let remote = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let (client, sender) = (
         host.registered_client().await,
         remote.registered_client().await,
     );
 
-    send_numbered(&sender, host.uuid, 0..500).await;
+    // Answers: an offer while nobody is subscribed is refused at once
+    // (unclaimed_offers), everything else waits for the first subscriber.
+    send_numbered_as(&sender, host.uuid, 0..500, DescriptionType::Answer).await;
     status_until(&client, |s| s.counters.received == 500).await;
     let mut inbox = client.subscribe(None).await.unwrap();
     for n in 0..500 {
-        let message = inbox.next_message().await.unwrap().unwrap();
+        let message = tokio::time::timeout(WAIT, inbox.next_message())
+            .await
+            .expect("the backlog arrives")
+            .unwrap()
+            .unwrap();
         assert_eq!(message.description, n.to_string());
     }
     assert_eq!(client.status().await.unwrap().counters.dropped, 0);
@@ -230,6 +247,7 @@ async fn a_full_backlog_keeps_the_newest_and_counts_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = settings(dir.path(), &relay.url(), Dialect::Current);
     config.backlog = 1024;
+    config.backlog_ttl = Duration::from_secs(600);
     let host = TestDaemon::start_with(config).await;
     let remote = TestDaemon::start(&relay.url(), Dialect::Current).await;
     let (client, sender) = (
@@ -237,14 +255,19 @@ async fn a_full_backlog_keeps_the_newest_and_counts_the_rest() {
         remote.registered_client().await,
     );
 
-    send_numbered(&sender, host.uuid, 0..1500).await;
+    send_numbered_as(&sender, host.uuid, 0..1500, DescriptionType::Answer).await;
     let status = status_until(&client, |s| s.counters.received == 1500).await;
     assert_eq!(status.counters.dropped, 476);
     assert_eq!(status.counters.dropped_no_subscriber, 476);
     let mut inbox = client.subscribe(None).await.unwrap();
     for n in 476..1500 {
         assert_eq!(
-            inbox.next_message().await.unwrap().unwrap().description,
+            tokio::time::timeout(WAIT, inbox.next_message())
+                .await
+                .expect("the backlog arrives")
+                .unwrap()
+                .unwrap()
+                .description,
             n.to_string()
         );
     }

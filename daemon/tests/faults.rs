@@ -119,6 +119,7 @@ async fn one_workers_bad_input_never_costs_another_its_stream() {
                 description_type: "offer".into(),
                 description: "b".repeat(2 << 20),
                 worker: "bad".into(),
+                ..Default::default()
             }
         } else {
             v1::SendRequest {
@@ -126,6 +127,7 @@ async fn one_workers_bad_input_never_costs_another_its_stream() {
                 description_type: "offer".into(),
                 description: "x".into(),
                 worker: "bad".into(),
+                ..Default::default()
             }
         };
         let status = bad.send(request).await.expect_err("bad input is refused");

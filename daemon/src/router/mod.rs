@@ -1,0 +1,933 @@
+//! Hands inbound relay messages to local subscribers, and keeps the rule of
+//! which local worker holds the conversation with each remote peer.
+//!
+//! Two kinds of subscription:
+//! - Plain ones, in groups. Every group gets each message once: a
+//!   subscriber without a group is a group of its own, members of a named
+//!   group take turns. Reply affinity comes first: after worker W sent to
+//!   peer P, P's messages (and the relay's returns of W's sends to P) go to
+//!   W's subscription in each group.
+//! - Conversation ones, host-wide whatever their group. The messages of a
+//!   remote peer whose conversation a worker holds ([`conversations`]) go to
+//!   that worker's conversation subscription and to no other; an offer from
+//!   a peer nobody holds goes to exactly one of them, whose worker then
+//!   holds the conversation.
+//!
+//! Plain subscriptions see what their group gets either way. Nothing here
+//! ever waits: a full queue passes a plain message to another member of its
+//! group, or costs that group the message (counted), never the relay reader
+//! or another subscriber. While nobody is subscribed, messages wait in a
+//! bounded backlog for the first subscriber ([`backlog`]); an offer nobody
+//! can take is refused at once, so that its sender hears so
+//! ([`Refusal`]). Everything a caller or a peer can make this module keep
+//! is bounded in count and bytes, and expires.
+
+mod affinity;
+mod backlog;
+pub mod conversations;
+mod drops;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use uuid::Uuid;
+
+use self::affinity::Affinity;
+use self::backlog::{Backlog, BacklogLimits};
+pub use self::conversations::{Claimed, MAX_CONVERSATIONS};
+use self::conversations::{Conflict, Conversations};
+pub use self::drops::SUMMARY_EVERY;
+use self::drops::{Reason, Tally};
+use crate::codec::PeerConnection;
+use crate::status::Counters;
+
+pub use self::affinity::MAX_ENTRIES as MAX_AFFINITY_ENTRIES;
+
+/// The longest worker label or group name, in bytes. Checked where
+/// requests come in (INVALID_ARGUMENT naming the field): labels are kept in
+/// the router's tables, and a caller chooses them. Generous for a label
+/// such as `ingest-3` or `proxystore-1234-5f3a9c2e`.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// How often expired backlog messages, affinity bindings and conversation
+/// leases are swept away, and a pending drop summary is logged when due:
+/// the resolution of every time-to-live here.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Refusals waiting to be written to the relay. An offer refused while this
+/// many are queued is still refused, only without the answer (its sender
+/// times out instead): a flood of offers cannot make the daemon queue an
+/// answer to each.
+pub const REFUSALS_QUEUED: usize = 256;
+
+/// An inbound message as subscribers receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMessage {
+    pub peer: PeerConnection,
+    /// The relay returned one of our own sends; `peer.error` says why.
+    pub bounced: bool,
+}
+
+impl PeerMessage {
+    /// The remote peer this message is about: its sender, or for a bounce
+    /// the peer our message was meant for.
+    fn remote(&self) -> Uuid {
+        if self.bounced {
+            self.peer.peer_uuid
+        } else {
+            self.peer.source_uuid
+        }
+    }
+
+    /// A remote peer asking to start a connection.
+    fn is_offer(&self) -> bool {
+        !self.bounced && self.peer.error.is_none() && self.peer.description_type == "offer"
+    }
+
+    /// What holding it costs, in bytes, for the byte budgets.
+    fn cost(&self) -> usize {
+        let p = &self.peer;
+        std::mem::size_of::<PeerMessage>()
+            + p.source_name.len()
+            + p.description_type.len()
+            + p.description.len()
+            + p.error.as_ref().map_or(0, String::len)
+    }
+}
+
+/// Who a local caller is: the request's `worker` label, else its process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Worker(Arc<str>);
+
+impl Worker {
+    /// A worker named by its own label.
+    pub fn label(label: &str) -> Worker {
+        Worker(Arc::from(label))
+    }
+
+    /// A worker known only by its process id.
+    pub fn process(pid: i32) -> Worker {
+        Worker(Arc::from(format!("pid:{pid}")))
+    }
+
+    /// Callers that the daemon cannot tell apart (no label, no credentials).
+    pub fn anonymous() -> Worker {
+        Worker(Arc::from("anonymous"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What happens to an offer that arrives while nobody is subscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnclaimedOffers {
+    /// Answered at once with an error, as if this host were not registered:
+    /// a ProxyStore peer raises `PeerConnectionError` instead of waiting.
+    #[default]
+    Refuse,
+    /// Kept in the backlog like any other message, for `backlog_ttl`.
+    Backlog,
+}
+
+/// Queue sizes and times, from the daemon's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages a subscriber may have waiting before it loses messages.
+    pub subscriber_queue: usize,
+    /// Bytes a subscriber may have waiting (one message is always let in).
+    pub subscriber_queue_bytes: usize,
+    /// Messages kept while nobody is subscribed.
+    pub backlog: usize,
+    /// Bytes kept while nobody is subscribed.
+    pub backlog_bytes: usize,
+    /// How long a message may wait in the backlog.
+    pub backlog_ttl: Duration,
+    /// How long a send to a peer binds that peer's replies to the sender.
+    pub affinity: Duration,
+    /// How long a conversation lasts after its last sign of life.
+    pub conversation_ttl: Duration,
+    /// What happens to an offer while nobody is subscribed.
+    pub unclaimed_offers: UnclaimedOffers,
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Interest {
+    /// Its delivery group; `None` is a group of its own.
+    pub group: Option<String>,
+    /// The group is this subscriber's alone while it is subscribed.
+    pub exclusive: bool,
+    /// A conversation subscription: only the conversations its worker holds.
+    pub conversations: bool,
+}
+
+/// Why the router refused a caller's request. Each names the request field
+/// it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    #[error("exclusive: a group is required to hold one exclusively")]
+    ExclusiveWithoutGroup,
+    #[error("group: {group:?} already has a subscriber, so it cannot be held exclusively")]
+    GroupInUse { group: String },
+    #[error("group: {group:?} is held exclusively by another subscriber until its stream ends")]
+    GroupHeld { group: String },
+    #[error(
+        "conversation: worker {worker:?} has no open Subscribe with `conversations` set, so the peer's messages would have nowhere to go; subscribe first, with the same worker label"
+    )]
+    NoConversationSubscription { worker: String },
+    #[error(
+        "conversation: peer {peer} is in a conversation with worker {holder:?} on this host (for {seconds} s); retry once it ends, or ask to wait for it"
+    )]
+    Held {
+        peer: Uuid,
+        holder: String,
+        seconds: u64,
+    },
+    #[error(
+        "conversation: this host holds {MAX_CONVERSATIONS} conversations, the most it keeps; retry once some have ended"
+    )]
+    Full,
+}
+
+impl RouterError {
+    fn conflict(peer: Uuid, conflict: Conflict) -> Self {
+        match conflict {
+            Conflict::Held { holder, for_ } => RouterError::Held {
+                peer,
+                holder: holder.as_str().to_owned(),
+                seconds: for_.as_secs(),
+            },
+            Conflict::Full => RouterError::Full,
+        }
+    }
+}
+
+/// An offer the router turned down: its sender should hear so at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The remote peer that offered.
+    pub peer: Uuid,
+    pub why: RefusalReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// Nobody on this host is subscribed.
+    NoWorker,
+    /// Every conversation subscription's queue is full.
+    Busy,
+    /// The host holds [`MAX_CONVERSATIONS`].
+    Full,
+}
+
+impl RefusalReason {
+    /// The reason as the remote peer reads it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RefusalReason::NoWorker => "no worker on this host takes peer connections now",
+            RefusalReason::Busy => "every worker on this host that takes peer connections is busy",
+            RefusalReason::Full => "this host is in as many conversations as it keeps",
+        }
+    }
+}
+
+/// The router: shared by the relay task (which dispatches), the gRPC
+/// service (which subscribes and asks before sending) and the sweeper.
+#[derive(Debug)]
+pub struct Router {
+    inner: Mutex<Inner>,
+    counters: Arc<Counters>,
+    limits: Limits,
+    /// Woken whenever a conversation ends, for sends that wait for one.
+    ended: Notify,
+    refusals: mpsc::Sender<Refusal>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    next_id: u64,
+    /// Plain subscribers without a group: each is a group of its own.
+    solo: Vec<Member>,
+    /// Named plain groups that have members now.
+    groups: Vec<Group>,
+    /// Conversation subscribers, host-wide.
+    conversers: Vec<Converser>,
+    /// The conversation subscriber offered the next new conversation
+    /// (modulo their count).
+    next_converser: usize,
+    backlog: Backlog,
+    affinity: Affinity,
+    conversations: Conversations,
+    tally: Tally,
+}
+
+#[derive(Debug)]
+struct Group {
+    name: String,
+    members: Vec<Member>,
+    /// The member whose turn is next (modulo the member count).
+    turn: usize,
+    /// Held by its one member, which asked for it alone.
+    exclusive: bool,
+}
+
+#[derive(Debug)]
+struct Converser {
+    member: Member,
+    /// Only for `exclusive`: delivery to conversers is host-wide.
+    group: Option<String>,
+    exclusive: bool,
+}
+
+#[derive(Debug)]
+struct Member {
+    id: u64,
+    worker: Worker,
+    tx: mpsc::Sender<Arc<PeerMessage>>,
+    /// Bytes in the queue; the subscription takes off what it reads.
+    queued: Arc<AtomicUsize>,
+}
+
+/// How one try to hand a message to a member went.
+enum Handed {
+    Taken,
+    Full,
+    Closed,
+}
+
+impl Member {
+    fn hand(&self, message: &Arc<PeerMessage>, cost: usize, budget: usize) -> Handed {
+        let queued = self.queued.fetch_add(cost, Ordering::Relaxed);
+        if queued > 0 && queued + cost > budget {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            return Handed::Full;
+        }
+        match self.tx.try_send(Arc::clone(message)) {
+            Ok(()) => Handed::Taken,
+            Err(e) => {
+                self.queued.fetch_sub(cost, Ordering::Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Handed::Full,
+                    mpsc::error::TrySendError::Closed(_) => Handed::Closed,
+                }
+            }
+        }
+    }
+}
+
+/// What became of one message, across the subscriptions it was offered to.
+#[derive(Default)]
+struct Outcome {
+    delivered: u64,
+    full: u64,
+    closed: bool,
+}
+
+/// What the conversation rules did with a message.
+enum Conversed {
+    /// Handed to the conversation's holder (or to the subscriber that now
+    /// holds a new one).
+    Delivered,
+    /// Its holder's queue was full: lost, and counted.
+    Lost,
+    /// An offer nobody could take.
+    Refused(RefusalReason),
+    /// Not a conversation's message: plain subscriptions only.
+    NotOurs,
+}
+
+impl Inner {
+    fn is_empty(&self) -> bool {
+        self.solo.is_empty() && self.groups.is_empty() && self.conversers.is_empty()
+    }
+
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        self.solo
+            .iter()
+            .chain(self.groups.iter().flat_map(|g| g.members.iter()))
+            .chain(self.conversers.iter().map(|c| &c.member))
+    }
+
+    fn has_converser(&self, worker: &Worker) -> bool {
+        self.conversers.iter().any(|c| &c.member.worker == worker)
+    }
+
+    /// Drops members whose stream is gone, and groups left empty.
+    fn prune(&mut self, keep: impl Fn(&Member) -> bool) {
+        self.solo.retain(&keep);
+        for group in &mut self.groups {
+            group.members.retain(&keep);
+        }
+        self.groups.retain(|g| !g.members.is_empty());
+        self.conversers.retain(|c| keep(&c.member));
+    }
+
+    /// Refuses a subscription that would break a group's exclusivity.
+    fn check_exclusive(&self, group: &str, exclusive: bool) -> Result<(), RouterError> {
+        let plain = self.groups.iter().find(|g| g.name == group);
+        let conversers = || {
+            self.conversers
+                .iter()
+                .filter(|c| c.group.as_deref() == Some(group))
+        };
+        if plain.is_some_and(|g| g.exclusive) || conversers().any(|c| c.exclusive) {
+            return Err(RouterError::GroupHeld {
+                group: group.to_owned(),
+            });
+        }
+        if exclusive && (plain.is_some() || conversers().next().is_some()) {
+            return Err(RouterError::GroupInUse {
+                group: group.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Router {
+    /// The router, and the offers it refuses, for a task that answers them
+    /// through the relay.
+    pub fn new(limits: Limits, counters: Arc<Counters>) -> (Arc<Self>, mpsc::Receiver<Refusal>) {
+        let (refusals, refused) = mpsc::channel(REFUSALS_QUEUED);
+        let router = Arc::new(Router {
+            inner: Mutex::new(Inner {
+                next_id: 0,
+                solo: Vec::new(),
+                groups: Vec::new(),
+                conversers: Vec::new(),
+                next_converser: 0,
+                backlog: Backlog::new(BacklogLimits {
+                    messages: limits.backlog,
+                    bytes: limits.backlog_bytes,
+                    ttl: limits.backlog_ttl,
+                }),
+                affinity: Affinity::new(limits.affinity),
+                conversations: Conversations::new(limits.conversation_ttl),
+                tally: Tally::default(),
+            }),
+            counters,
+            limits,
+            ended: Notify::new(),
+            refusals,
+        });
+        (router, refused)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves plain data behind;
+        // keep routing rather than poison every later call.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Open subscriptions now.
+    pub fn subscribers(&self) -> usize {
+        self.lock().members().count()
+    }
+
+    /// Distinct workers with an open subscription now.
+    pub fn workers(&self) -> usize {
+        let inner = self.lock();
+        let mut workers: Vec<&str> = inner.members().map(|m| m.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        workers.len()
+    }
+
+    /// Conversations held now.
+    pub fn conversations(&self) -> usize {
+        self.lock().conversations.live(Instant::now())
+    }
+
+    /// Whether `worker` may send to `peer` now, and if `claim`, gives it
+    /// `peer`'s conversation. A conversation another worker holds refuses
+    /// every send to its peer, claiming or not; with `wait_until`, waits
+    /// (until then at the latest) for it to end instead of refusing at once.
+    /// On success the peer's replies also prefer `worker` in plain groups.
+    /// Returns how the claim went when there was one.
+    pub async fn clear_to_send(
+        &self,
+        worker: &Worker,
+        peer: Uuid,
+        claim: bool,
+        wait_until: Option<Instant>,
+    ) -> Result<Option<Claimed>, RouterError> {
+        let cleared = self
+            .when_free(wait_until, || self.admit(worker, peer, claim))
+            .await?;
+        self.note_send(worker, peer);
+        Ok(cleared)
+    }
+
+    /// [`Router::clear_to_send`] without waiting, for a stream of sends.
+    pub fn try_clear_to_send(
+        &self,
+        worker: &Worker,
+        peer: Uuid,
+        claim: bool,
+    ) -> Result<Option<Claimed>, RouterError> {
+        let cleared = self.admit(worker, peer, claim);
+        if matches!(cleared, Err(RouterError::Held { .. })) {
+            Counters::add(&self.counters.conversation_conflicts, 1);
+        }
+        let cleared = cleared?;
+        self.note_send(worker, peer);
+        Ok(cleared)
+    }
+
+    /// Claims or renews `peer`'s conversation for `worker` without sending;
+    /// returns how long it now lasts without another sign of life.
+    pub async fn hold(
+        &self,
+        worker: &Worker,
+        peer: Uuid,
+        wait_until: Option<Instant>,
+    ) -> Result<Duration, RouterError> {
+        self.when_free(wait_until, || self.admit(worker, peer, true))
+            .await?;
+        Ok(self.limits.conversation_ttl)
+    }
+
+    /// Ends `peer`'s conversation if `worker` holds it.
+    pub fn release(&self, worker: &Worker, peer: Uuid) -> bool {
+        let released = self.lock().conversations.release(worker, peer);
+        if released {
+            debug!(%peer, worker = worker.as_str(), "conversation released");
+            self.ended.notify_waiters();
+        }
+        released
+    }
+
+    /// Runs `attempt` until it is not refused for a held conversation, or
+    /// `wait_until` passes; counts a refusal that stands.
+    async fn when_free<T>(
+        &self,
+        wait_until: Option<Instant>,
+        attempt: impl Fn() -> Result<T, RouterError>,
+    ) -> Result<T, RouterError> {
+        loop {
+            // Listen before looking, so that an end in between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let result = attempt();
+            let wait = match (&result, wait_until) {
+                (Err(RouterError::Held { .. }), Some(until)) if until > Instant::now() => until,
+                (Err(RouterError::Held { .. }), _) => {
+                    Counters::add(&self.counters.conversation_conflicts, 1);
+                    return result;
+                }
+                _ => return result,
+            };
+            if tokio::time::timeout_at(wait, ended).await.is_err() {
+                let last = attempt();
+                if matches!(last, Err(RouterError::Held { .. })) {
+                    Counters::add(&self.counters.conversation_conflicts, 1);
+                }
+                return last;
+            }
+        }
+    }
+
+    fn admit(
+        &self,
+        worker: &Worker,
+        peer: Uuid,
+        claim: bool,
+    ) -> Result<Option<Claimed>, RouterError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if !claim {
+            inner
+                .conversations
+                .check(worker, peer, now)
+                .map_err(|c| RouterError::conflict(peer, c))?;
+            // Nobody else holds it: if `worker` does, this is a sign of life.
+            inner.conversations.renew(peer, now);
+            return Ok(None);
+        }
+        if !inner.has_converser(worker) {
+            return Err(RouterError::NoConversationSubscription {
+                worker: worker.as_str().to_owned(),
+            });
+        }
+        let claimed = inner
+            .conversations
+            .claim(worker, peer, now)
+            .map_err(|c| RouterError::conflict(peer, c))?;
+        if claimed == Claimed::New {
+            debug!(%peer, worker = worker.as_str(), "conversation claimed");
+        }
+        Ok(Some(claimed))
+    }
+
+    /// Records that `worker` is sending to `peer`: the peer's replies (and
+    /// the relay's returns of this send) prefer that worker in plain groups
+    /// for a while. Called before the message is written, since a reply can
+    /// be quick.
+    fn note_send(&self, worker: &Worker, peer: Uuid) {
+        self.lock().affinity.bind(worker, peer, Instant::now());
+    }
+
+    /// Adds a subscriber. The first subscriber also receives the backlog.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        interest: Interest,
+        worker: Worker,
+    ) -> Result<Subscription, RouterError> {
+        let Interest {
+            group,
+            exclusive,
+            conversations,
+        } = interest;
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        match &group {
+            None if exclusive => return Err(RouterError::ExclusiveWithoutGroup),
+            None => {}
+            Some(name) => inner.check_exclusive(name, exclusive)?,
+        }
+        let backlog = if inner.is_empty() {
+            let (fresh, expired) = inner.backlog.take(now);
+            inner
+                .tally
+                .drop(&self.counters, Reason::Expired, expired, now);
+            fresh
+        } else {
+            Vec::new()
+        };
+        let (tx, rx) = mpsc::channel(self.limits.subscriber_queue + backlog.len());
+        let id = inner.next_id;
+        inner.next_id += 1;
+        debug!(
+            subscriber = id,
+            worker = worker.as_str(),
+            group = group.as_deref(),
+            exclusive,
+            conversations,
+            "subscribed"
+        );
+        let queued = Arc::new(AtomicUsize::new(0));
+        let member = Member {
+            id,
+            worker: worker.clone(),
+            tx,
+            queued: Arc::clone(&queued),
+        };
+        match group {
+            _ if conversations => inner.conversers.push(Converser {
+                member,
+                group,
+                exclusive,
+            }),
+            None => inner.solo.push(member),
+            Some(name) => match inner.groups.iter_mut().find(|g| g.name == name) {
+                Some(group) => group.members.push(member),
+                None => inner.groups.push(Group {
+                    name,
+                    members: vec![member],
+                    turn: 0,
+                    exclusive,
+                }),
+            },
+        }
+        // The backlog goes the way it would have gone had this subscriber
+        // been there: for a plain one, all of it.
+        for (message, cost) in backlog {
+            self.route(inner, message, cost, now);
+        }
+        Ok(Subscription {
+            id,
+            rx,
+            queued,
+            worker,
+            conversations,
+            router: Arc::clone(self),
+        })
+    }
+
+    fn unsubscribe(&self, id: u64, worker: &Worker, conversations: bool) {
+        let mut inner = self.lock();
+        inner.prune(|m| m.id != id);
+        debug!(subscriber = id, "unsubscribed");
+        // The worker's last conversation subscription is gone (its process
+        // may have died): nobody would get its peers' messages.
+        if conversations && !inner.has_converser(worker) {
+            let ended = inner.conversations.release_all(worker);
+            drop(inner);
+            if ended > 0 {
+                debug!(
+                    worker = worker.as_str(),
+                    ended, "conversations ended with their holder's subscription"
+                );
+                self.ended.notify_waiters();
+            }
+        }
+    }
+
+    /// Delivers one inbound message. Never blocks, never allocates beyond
+    /// the message itself.
+    pub fn dispatch(&self, message: PeerMessage) {
+        let now = Instant::now();
+        let cost = message.cost();
+        let mut inner = self.lock();
+        self.route(&mut inner, Arc::new(message), cost, now);
+    }
+
+    fn route(&self, inner: &mut Inner, message: Arc<PeerMessage>, cost: usize, now: Instant) {
+        if inner.is_empty() {
+            if message.is_offer() && self.limits.unclaimed_offers == UnclaimedOffers::Refuse {
+                self.refuse(inner, message.remote(), RefusalReason::NoWorker, now);
+            } else {
+                let lost = inner.backlog.push(message, cost, now);
+                let tally = &mut inner.tally;
+                tally.drop(&self.counters, Reason::NoSubscriber, lost.overflow, now);
+                tally.drop(&self.counters, Reason::Expired, lost.expired, now);
+            }
+            return;
+        }
+        let mut outcome = Outcome::default();
+        let conversed = if inner.conversers.is_empty() && inner.conversations.is_empty() {
+            Conversed::NotOurs
+        } else {
+            self.converse(inner, &message, cost, now, &mut outcome)
+        };
+        let plain = !(inner.solo.is_empty() && inner.groups.is_empty());
+        if plain {
+            self.deliver_plain(inner, &message, cost, now, &mut outcome);
+        }
+        match conversed {
+            Conversed::Refused(why) => self.refuse(inner, message.remote(), why, now),
+            Conversed::NotOurs if !plain => {
+                inner
+                    .tally
+                    .drop(&self.counters, Reason::NoConversation, 1, now);
+            }
+            _ => {}
+        }
+        if outcome.closed {
+            inner.prune(|m| !m.tx.is_closed());
+        }
+        Counters::add(&self.counters.delivered, outcome.delivered);
+        inner
+            .tally
+            .drop(&self.counters, Reason::QueueFull, outcome.full, now);
+    }
+
+    /// The conversation rules for one message.
+    fn converse(
+        &self,
+        inner: &mut Inner,
+        message: &Arc<PeerMessage>,
+        cost: usize,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) -> Conversed {
+        let budget = self.limits.subscriber_queue_bytes;
+        let remote = message.remote();
+        if let Some(holder) = inner.conversations.holder(remote, now).cloned() {
+            if inner.has_converser(&holder) {
+                inner.conversations.renew(remote, now);
+                let mut conversed = Conversed::Lost;
+                for c in inner
+                    .conversers
+                    .iter()
+                    .filter(|c| c.member.worker == holder)
+                {
+                    match c.member.hand(message, cost, budget) {
+                        Handed::Taken => {
+                            conversed = Conversed::Delivered;
+                            break;
+                        }
+                        Handed::Full => {}
+                        Handed::Closed => outcome.closed = true,
+                    }
+                }
+                match conversed {
+                    Conversed::Delivered => outcome.delivered += 1,
+                    _ => outcome.full += 1,
+                }
+                // The relay could not reach the peer, or the peer refused:
+                // the conversation is over once its holder has heard so.
+                if message.peer.error.is_some() {
+                    inner.conversations.end(remote);
+                    debug!(peer = %remote, worker = holder.as_str(), "conversation ended by an error");
+                    self.ended.notify_waiters();
+                }
+                return conversed;
+            }
+            // Its holder's subscriptions are gone: so is the conversation.
+            inner.conversations.end(remote);
+            self.ended.notify_waiters();
+        }
+        if !message.is_offer() || inner.conversers.is_empty() {
+            return Conversed::NotOurs;
+        }
+        if inner.conversations.len() >= MAX_CONVERSATIONS {
+            self.expire_conversations(inner, now);
+        }
+        if inner.conversations.len() >= MAX_CONVERSATIONS {
+            return Conversed::Refused(RefusalReason::Full);
+        }
+        // A new conversation: exactly one conversation subscriber, in turn.
+        let count = inner.conversers.len();
+        let start = inner.next_converser % count;
+        for offset in 0..count {
+            let index = (start + offset) % count;
+            let member = &inner.conversers[index].member;
+            match member.hand(message, cost, budget) {
+                Handed::Taken => {
+                    let holder = member.worker.clone();
+                    // Nobody holds it and there is room: this cannot fail.
+                    let _ = inner.conversations.claim(&holder, remote, now);
+                    debug!(peer = %remote, worker = holder.as_str(), "conversation started by the peer");
+                    inner.next_converser = index + 1;
+                    outcome.delivered += 1;
+                    return Conversed::Delivered;
+                }
+                Handed::Full => {}
+                Handed::Closed => outcome.closed = true,
+            }
+        }
+        Conversed::Refused(RefusalReason::Busy)
+    }
+
+    /// The plain rules: every group once, ungrouped subscribers each.
+    fn deliver_plain(
+        &self,
+        inner: &mut Inner,
+        message: &Arc<PeerMessage>,
+        cost: usize,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        let budget = self.limits.subscriber_queue_bytes;
+        let preferred = inner.affinity.preferred(message.remote(), now);
+        // Ungrouped subscribers each get the message.
+        for member in &inner.solo {
+            match member.hand(message, cost, budget) {
+                Handed::Taken => outcome.delivered += 1,
+                Handed::Full => outcome.full += 1,
+                Handed::Closed => outcome.closed = true,
+            }
+        }
+        // Each named group gets it once: from the preferred worker's
+        // subscription if it has one there, else from the member whose turn
+        // it is; a full member passes it on to the next.
+        for group in &mut inner.groups {
+            let count = group.members.len();
+            let affine = preferred.and_then(|w| group.members.iter().position(|m| &m.worker == w));
+            let start = affine.unwrap_or(group.turn);
+            let mut taken = false;
+            for offset in 0..count {
+                let index = (start + offset) % count;
+                match group.members[index].hand(message, cost, budget) {
+                    Handed::Taken => {
+                        if affine.is_none() {
+                            group.turn = index + 1;
+                        }
+                        taken = true;
+                        break;
+                    }
+                    Handed::Full => {}
+                    Handed::Closed => outcome.closed = true,
+                }
+            }
+            if taken {
+                outcome.delivered += 1;
+            } else {
+                outcome.full += 1;
+            }
+        }
+    }
+
+    /// Turns an offer down: counted, and queued for an answer to its sender.
+    fn refuse(&self, inner: &mut Inner, peer: Uuid, why: RefusalReason, now: Instant) {
+        inner.tally.refuse(&self.counters, now);
+        debug!(%peer, reason = why.describe(), "offer refused");
+        // Full: the refusal stands, only unanswered (see REFUSALS_QUEUED).
+        let _ = self.refusals.try_send(Refusal { peer, why });
+    }
+
+    /// Sweeps expired backlog messages, bindings and conversations away
+    /// every [`SWEEP_EVERY`], and logs drop summaries when they are due,
+    /// until `shutdown`.
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.sweep_once(Instant::now()),
+                () = shutdown.cancelled() => {
+                    self.lock().tally.log(Instant::now());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn sweep_once(&self, now: Instant) {
+        let mut inner = self.lock();
+        let expired = inner.backlog.expire(now);
+        inner
+            .tally
+            .drop(&self.counters, Reason::Expired, expired, now);
+        inner.affinity.prune(now);
+        self.expire_conversations(&mut inner, now);
+        inner.tally.log_if_due(now);
+    }
+
+    /// Ends the conversations whose time is up, counted.
+    fn expire_conversations(&self, inner: &mut Inner, now: Instant) {
+        let ended = inner.conversations.expire(now);
+        if ended > 0 {
+            Counters::add(&self.counters.conversations_expired, ended as u64);
+            debug!(ended, "conversations expired");
+            self.ended.notify_waiters();
+        }
+    }
+}
+
+/// One subscriber's stream of messages. Dropping it unsubscribes at once.
+#[derive(Debug)]
+pub struct Subscription {
+    id: u64,
+    rx: mpsc::Receiver<Arc<PeerMessage>>,
+    queued: Arc<AtomicUsize>,
+    worker: Worker,
+    conversations: bool,
+    router: Arc<Router>,
+}
+
+impl futures_util::Stream for Subscription {
+    type Item = Arc<PeerMessage>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(message)) = &next {
+            self.queued.fetch_sub(message.cost(), Ordering::Relaxed);
+        }
+        next
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.router
+            .unsubscribe(self.id, &self.worker, self.conversations);
+    }
+}
+
+#[cfg(test)]
+mod tests;
