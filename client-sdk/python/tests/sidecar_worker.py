@@ -17,9 +17,7 @@ import json
 import sys
 import uuid
 
-from proxystore.p2p.manager import PeerManager
-
-from relay_sidecar.proxystore import SidecarRelayClient
+from relay_sidecar.proxystore import PeerManager, SidecarRelayClient
 
 STEP_TIMEOUT = 20
 
@@ -29,7 +27,7 @@ def emit(event: str, **fields: str) -> None:
 
 
 async def main(socket: str, peer: uuid.UUID, label: str) -> None:
-    client = SidecarRelayClient(socket)
+    client = SidecarRelayClient(socket_path=socket)
     async with PeerManager(client, ice_servers=[], timeout=STEP_TIMEOUT) as manager:
         emit("ready", uuid=str(manager.uuid), worker=client.worker)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import selectors
 import shutil
@@ -107,8 +108,9 @@ class Relay:
 
     def kill(self) -> None:
         """SIGKILL: the relay vanishes without closing its connections."""
-        self.process.kill()
-        self.process.wait()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -133,8 +135,12 @@ class Daemon:
     limited to about 100 bytes, which pytest's tmp_path can exceed).
     """
 
-    def __init__(self, relay_url: str, name: str = "py-sdk-test") -> None:
+    def __init__(
+        self, relay_url: str, name: str = "py-sdk-test", settings: Optional[dict] = None
+    ) -> None:
+        """``settings``: more daemon settings, as ``{"send_timeout": "2s"}``."""
         self.binary = daemon_binary()
+        self.settings = {f"RELAY_SIDECAR_{k.upper()}": v for k, v in (settings or {}).items()}
         self.relay_url = relay_url
         self.name = name
         self.uuid = uuid.uuid4()
@@ -164,7 +170,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=daemon_env(),
+                env={**daemon_env(), **self.settings},
             )
         try:
             self.wait_registered()
@@ -393,3 +399,128 @@ def read_until(process: subprocess.Popen, text: str, timeout: float = READY_TIME
             if text in line:
                 return "".join(seen)
     raise AssertionError(f"no line with {text!r} in {timeout}s; saw:\n{''.join(seen)}")
+PEER_PROCESS = Path(__file__).with_name("peer_process.py")
+
+
+class PeerProcess:
+    """``peer_process.py`` in a child process: PeerManagers on the daemon
+    (``"sidecar"``) or plain ProxyStore ones on the relay (``"native"``),
+    driven by commands; see that script for the protocol.
+
+    ``events`` keeps every event by command id; ``returncode`` tells whether
+    the process died (a ProxyStore background task that fails ends it).
+    """
+
+    def __init__(self, side: str, target: str, log: Path, *args: str) -> None:
+        self.side, self.target, self.log, self.args = side, target, log, args
+        self.process: Optional[asyncio.subprocess.Process] = None
+        self.uuids: list = []
+        self.workers: list = []
+        self._events: dict = {}
+        self._waiters: dict = {}
+        self._next_id = 0
+        self._reader: Optional[asyncio.Task] = None
+
+    async def start(self, timeout: float = READY_TIMEOUT) -> "PeerProcess":
+        with open(self.log, "ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(PEER_PROCESS),
+                self.side,
+                self.target,
+                *self.args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+            )
+        self._reader = asyncio.ensure_future(self._read())
+        ready = await self.wait("ready", timeout)
+        self.uuids = [uuid.UUID(u) for u in ready["uuids"]]
+        self.workers = ready["workers"]
+        return self
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return self.uuids[0]
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        while True:
+            line = await self.process.stdout.readline()
+            if not line:
+                break
+            event = json.loads(line)
+            key = event.get("id", event["event"])
+            self._events.setdefault(key, []).append(event)
+            waiter = self._waiters.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def command(self, cmd: str, **fields: Any) -> str:
+        """Sends a command; returns its id for ``wait``."""
+        assert self.process is not None and self.process.stdin is not None
+        self._next_id += 1
+        ident = f"{cmd}-{self._next_id}"
+        line = json.dumps({"cmd": cmd, "id": ident, **fields}) + "\n"
+        self.process.stdin.write(line.encode())
+        return ident
+
+    def events(self, key: str) -> list:
+        return list(self._events.get(key, []))
+
+    async def wait(self, key: str, timeout: float = 60, count: int = 1) -> dict:
+        """The ``count``-th event for ``key`` (a command id or an event name);
+        fails with the process's log if it does not come or the process
+        dies."""
+        deadline = time.monotonic() + timeout
+        while len(self._events.get(key, [])) < count:
+            if self.process is not None and self.process.returncode is not None:
+                raise AssertionError(
+                    f"{self.side} process exited with {self.process.returncode} before "
+                    f"{key!r}:\n{log_tail(self.log)}"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"no {key!r} from the {self.side} process within {timeout}s:\n"
+                    f"{log_tail(self.log)}"
+                )
+            waiter = self._waiters.setdefault(key, asyncio.get_running_loop().create_future())
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+        return self._events[key][count - 1]
+
+    async def run(self, cmd: str, timeout: float = 60, **fields: Any) -> dict:
+        """A command and its (first) event."""
+        return await self.wait(self.command(cmd, **fields), timeout)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def quit(self, timeout: float = 30) -> int:
+        """Asks the process to close its managers and exit; its exit status."""
+        assert self.process is not None
+        if self.alive():
+            assert self.process.stdin is not None
+            self.process.stdin.write(b'{"cmd": "quit"}\n')
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+                raise AssertionError(
+                    f"{self.side} process did not quit in {timeout}s:\n{log_tail(self.log)}"
+                ) from None
+        if self._reader is not None:
+            await self._reader
+        return self.process.returncode
+
+    async def kill(self) -> None:
+        if self.process is not None and self.alive():
+            self.process.kill()
+            await self.process.wait()

@@ -151,3 +151,32 @@ def test_a_daemon_gone_for_good_fails_the_loop(daemon: Daemon) -> None:
             assert "ended the stream" in str(lost.value) and "within 1s" in str(lost.value)
 
     asyncio.run(main())
+
+
+def test_conversations_are_held_by_one_worker(daemon: Daemon) -> None:
+    async def main() -> None:
+        peer = uuid.uuid4()
+        async with relay_sidecar.aio.Client(
+            daemon.socket, worker="w1"
+        ) as w1, relay_sidecar.aio.Client(daemon.socket, worker="w2") as w2:
+            with pytest.raises(relay_sidecar.InvalidArgumentError, match="^invalid argument: conversation"):
+                await w1.hold_conversation(peer)
+            async with await w1.subscribe(conversations=True), await w2.subscribe(
+                conversations=True
+            ) as w2_messages:
+                assert await w1.hold_conversation(peer) == 60.0
+                with pytest.raises(relay_sidecar.AbortedError, match='"w1"'):
+                    await w2.hold_conversation(peer)
+                with pytest.raises(relay_sidecar.AbortedError, match='"w1"'):
+                    await w2.send(peer, "offer", "mine?", conversation=True)
+                assert not await w2.release_conversation(peer)
+                assert await w1.release_conversation(peer)
+                await w2.send(peer, "offer", "mine", conversation=True)
+                # Nobody has that uuid: the relay's return reaches w2, and ends
+                # the conversation.
+                bounce = await asyncio.wait_for(w2_messages.__anext__(), 10)
+                assert (bounce.bounced, bounce.peer_uuid) == (True, peer)
+                counters = (await w1.status()).counters
+                assert (counters.conversations, counters.conversation_conflicts) == (0, 2)
+
+    asyncio.run(main())

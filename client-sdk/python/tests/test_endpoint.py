@@ -234,7 +234,7 @@ def test_claim_holds_the_daemon_alone(daemon: Daemon) -> None:
             await asyncio.wait_for(claim(daemon.socket), OP_TIMEOUT)
         # Another PeerManager's default client would share the identity too.
         with pytest.raises(relay_sidecar.AlreadyExistsError):
-            await asyncio.wait_for(SidecarRelayClient(daemon.socket).connect(), OP_TIMEOUT)
+            await asyncio.wait_for(SidecarRelayClient(socket_path=daemon.socket).connect(), OP_TIMEOUT)
         await first.close()
         # Free again once the daemon has seen the holder's stream end.
         again = await asyncio.wait_for(eventually_async(lambda: claim(daemon.socket)), OP_TIMEOUT)

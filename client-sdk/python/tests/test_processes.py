@@ -1,10 +1,10 @@
 """Two PeerManagers in two processes share the daemon's identity, each with
 a different remote peer: both peer connections establish and carry data.
 
-The worker processes share one delivery group; the daemon's reply affinity
-sends each remote peer's answer to the worker that wrote to it. The order is
-chosen so that a daemon without affinity fails every time: worker a
-subscribes first, so a group taking turns would hand the answer to worker b's
+Each worker's offer claims the conversation with its remote peer, and the
+daemon sends that peer's answer to the worker holding it. The order is
+chosen so that a daemon handing answers out in turn fails every time: worker
+a subscribes first, so taking turns would hand the answer to worker b's
 offer to worker a.
 """
 

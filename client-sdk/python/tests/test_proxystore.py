@@ -9,7 +9,7 @@ import time
 import uuid
 
 import pytest
-from proxystore.p2p.manager import PeerManager
+import websockets.exceptions
 from proxystore.p2p.relay.client import RelayClient
 from proxystore.p2p.relay.exceptions import RelayNotConnectedError, RelayRegistrationError
 from proxystore.p2p.relay.messages import (
@@ -19,7 +19,12 @@ from proxystore.p2p.relay.messages import (
 )
 
 import relay_sidecar
-from relay_sidecar.proxystore import SidecarRelayClient
+from relay_sidecar.proxystore import (
+    IdentityMismatchError,
+    MessageRefusedError,
+    PeerManager,
+    SidecarRelayClient,
+)
 from support import Daemon, Relay
 
 #: Bound on each step; on loopback the whole exchange takes well under a second.
@@ -29,7 +34,7 @@ STEP_TIMEOUT = 10
 def test_peer_managers_exchange_bytes_over_webrtc(daemon: Daemon, relay: Relay) -> None:
     async def main() -> float:
         # ice_servers=[]: host candidates only, so this runs offline.
-        sidecar_side = PeerManager(SidecarRelayClient(daemon.socket), ice_servers=[])
+        sidecar_side = PeerManager(SidecarRelayClient(socket_path=daemon.socket), ice_servers=[])
         native_side = PeerManager(RelayClient(relay.url, client_name="native"), ice_servers=[])
         async with sidecar_side, native_side:
             assert sidecar_side.uuid == daemon.uuid
@@ -58,7 +63,7 @@ def test_peer_managers_exchange_bytes_over_webrtc(daemon: Daemon, relay: Relay) 
 
 def test_the_native_side_can_offer_too(daemon: Daemon, relay: Relay) -> None:
     async def main() -> None:
-        sidecar_side = PeerManager(SidecarRelayClient(daemon.socket), ice_servers=[])
+        sidecar_side = PeerManager(SidecarRelayClient(socket_path=daemon.socket), ice_servers=[])
         native_side = PeerManager(RelayClient(relay.url), ice_servers=[])
         async with sidecar_side, native_side:
             await asyncio.wait_for(native_side.send(daemon.uuid, "text"), STEP_TIMEOUT)
@@ -79,9 +84,9 @@ def test_the_native_side_can_offer_too(daemon: Daemon, relay: Relay) -> None:
 
 def test_relay_client_interface(daemon: Daemon, relay: Relay) -> None:
     async def main() -> None:
-        client = SidecarRelayClient(daemon.socket)
-        with pytest.raises(RelayNotConnectedError):
-            _ = client.uuid
+        client = SidecarRelayClient(socket_path=daemon.socket)
+        # Known at once, as with ProxyStore's client: asked of the daemon.
+        assert (client.uuid, client.name) == (daemon.uuid, daemon.name)
         async with client:
             assert (client.uuid, client.name) == (daemon.uuid, daemon.name)
 
@@ -165,10 +170,10 @@ def test_connect_fails_while_the_daemon_is_displaced(daemon: Daemon, relay: Rela
             await impostor.close()
 
             with pytest.raises(RelayRegistrationError, match="4004|another|failed"):
-                await SidecarRelayClient(daemon.socket).connect()
+                await SidecarRelayClient(socket_path=daemon.socket).connect()
 
             await client.reconnect()
-            async with SidecarRelayClient(daemon.socket, timeout=STEP_TIMEOUT) as sidecar:
+            async with SidecarRelayClient(socket_path=daemon.socket, timeout=STEP_TIMEOUT) as sidecar:
                 assert sidecar.uuid == daemon.uuid
 
     asyncio.run(main())
@@ -176,17 +181,22 @@ def test_connect_fails_while_the_daemon_is_displaced(daemon: Daemon, relay: Rela
 
 def test_recv_subscribes_again_after_a_daemon_restart(daemon: Daemon, relay: Relay) -> None:
     async def main() -> None:
-        async with SidecarRelayClient(daemon.socket) as client:
+        async with SidecarRelayClient(socket_path=daemon.socket) as client:
             receiving = asyncio.ensure_future(client.recv())
             await asyncio.sleep(0.1)
             await asyncio.get_running_loop().run_in_executor(None, daemon.stop)
             await asyncio.get_running_loop().run_in_executor(None, daemon.start)
+            # Subscribed again: an offer while nobody is subscribed would be
+            # refused (the daemon answers it, as if this host were away).
+            async with relay_sidecar.aio.Client(daemon.socket) as observer:
+                deadline = time.monotonic() + STEP_TIMEOUT
+                while (await observer.status()).counters.subscribers == 0:
+                    assert time.monotonic() < deadline, "never subscribed again"
+                    await asyncio.sleep(0.02)
 
             peer = RelayClient(relay.url, client_name="remote", reconnect_task=False)
             await peer.connect()
             try:
-                # The daemon may not be subscribed to yet; it keeps what comes
-                # in meanwhile for its first subscriber.
                 await peer.send(
                     PeerConnectionRequest(
                         source_uuid=peer.uuid,
@@ -206,12 +216,13 @@ def test_recv_subscribes_again_after_a_daemon_restart(daemon: Daemon, relay: Rel
 
 def test_close_ends_a_pending_recv_and_a_later_call_connects_again(daemon: Daemon) -> None:
     async def main() -> None:
-        client = SidecarRelayClient(daemon.socket)
+        client = SidecarRelayClient(socket_path=daemon.socket)
         await client.connect()
         receiving = asyncio.ensure_future(client.recv())
         await asyncio.sleep(0.05)
         await client.close()
-        with pytest.raises(RelayNotConnectedError):
+        # What ProxyStore's own client raises: a PeerManager's loop ends.
+        with pytest.raises(websockets.exceptions.ConnectionClosedOK):
             await asyncio.wait_for(receiving, STEP_TIMEOUT)
 
         # As with ProxyStore's RelayClient, using it again reconnects.
@@ -226,19 +237,82 @@ def test_close_ends_a_pending_recv_and_a_later_call_connects_again(daemon: Daemo
 
 def test_an_exclusive_client_refuses_a_second_one_on_the_host(daemon: Daemon) -> None:
     async def main() -> None:
-        first = SidecarRelayClient(daemon.socket, group="endpoint", exclusive=True)
+        first = SidecarRelayClient(socket_path=daemon.socket, group="endpoint", exclusive=True)
         async with first:
             with pytest.raises(relay_sidecar.AlreadyExistsError, match='"endpoint"'):
-                await SidecarRelayClient(daemon.socket, group="endpoint", exclusive=True).connect()
+                await SidecarRelayClient(socket_path=daemon.socket, group="endpoint", exclusive=True).connect()
         # Closed: the group is free for the next one, once the daemon has seen
         # the stream end (it is on another connection).
         deadline = time.monotonic() + STEP_TIMEOUT
         while True:
             try:
-                async with SidecarRelayClient(daemon.socket, group="endpoint", exclusive=True):
+                async with SidecarRelayClient(socket_path=daemon.socket, group="endpoint", exclusive=True):
                     return
             except relay_sidecar.AlreadyExistsError:
                 assert time.monotonic() < deadline, "the group was not freed"
                 await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+
+
+def test_it_takes_relay_clients_arguments_and_checks_them_against_the_daemon(
+    daemon: Daemon, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario 6: a drop-in by signature; what was given is checked."""
+    monkeypatch.setenv("RELAY_SIDECAR_SOCKET", daemon.socket)
+    client = SidecarRelayClient(
+        relay.url,
+        client_name=daemon.name,
+        client_uuid=daemon.uuid,
+        extra_headers={"Authorization": "Bearer x"},
+        reconnect_task=False,
+        ssl_context=None,
+        timeout=5,
+        verify_certificate=False,
+    )
+    # Known at once, from the daemon (the socket from the environment).
+    assert (client.uuid, client.name) == (daemon.uuid, daemon.name)
+    # The same relay, spelled otherwise.
+    SidecarRelayClient(relay.url.upper().replace("WS://", "ws://") + "/")
+
+    with pytest.raises(ValueError, match="must start with ws:// or wss://"):
+        SidecarRelayClient("http://relay.example.org")
+    with pytest.raises(ValueError, match="socket_path="):
+        SidecarRelayClient(daemon.socket)
+    with pytest.raises(IdentityMismatchError, match="^address: ") as wrong_relay:
+        SidecarRelayClient("wss://relay.example.org")
+    assert isinstance(wrong_relay.value, RelayRegistrationError)
+    assert isinstance(wrong_relay.value, ValueError)
+    with pytest.raises(IdentityMismatchError, match="^client_uuid: "):
+        SidecarRelayClient(client_uuid=uuid.uuid4())
+
+
+def test_without_a_daemon_it_defers_and_raises_proxystores_errors(tmp_path) -> None:
+    missing = str(tmp_path / "none.sock")
+    client = SidecarRelayClient(socket_path=missing, timeout=1)
+    with pytest.raises(RelayNotConnectedError, match="none.sock"):
+        _ = client.uuid
+    given = uuid.uuid4()
+    assert SidecarRelayClient(socket_path=missing, client_uuid=given).uuid == given
+
+    async def main() -> None:
+        with pytest.raises(RelayNotConnectedError) as e:
+            await client.connect(retry=False)
+        assert isinstance(e.value, relay_sidecar.ConnectError)
+
+    asyncio.run(main())
+
+
+def test_refused_messages_raise_proxystores_encode_error(daemon: Daemon) -> None:
+    async def main() -> None:
+        async with SidecarRelayClient(socket_path=daemon.socket) as client:
+            with pytest.raises(MessageRefusedError, match="description") as e:
+                await client.send(
+                    PeerConnectionRequest(
+                        client.uuid, client.name, uuid.uuid4(), "offer", "x" * (2 << 20)
+                    )
+                )
+            assert isinstance(e.value, RelayMessageEncodeError)
+            assert isinstance(e.value, relay_sidecar.InvalidArgumentError)
 
     asyncio.run(main())

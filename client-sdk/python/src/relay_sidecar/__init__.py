@@ -29,6 +29,7 @@ from ._socket import SOCKET_ENV, default_socket_path
 from ._types import ConnectionState, Counters, DescriptionType, PeerMessage, Status
 from .client import RESUME_WITHIN, Client, StatusStream, Subscription
 from .errors import (
+    AbortedError,
     AlreadyExistsError,
     ConnectError,
     FailedPreconditionError,
@@ -36,6 +37,7 @@ from .errors import (
     PermissionDeniedError,
     ProtocolError,
     RelaySidecarError,
+    ResourceExhaustedError,
     StatusError,
     SubscriptionLostError,
     UnavailableError,
@@ -52,6 +54,7 @@ __all__ = [
     "RESUME_WITHIN",
     "SOCKET_ENV",
     "aio",
+    "AbortedError",
     "AlreadyExistsError",
     "Client",
     "ConnectError",
@@ -64,6 +67,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProtocolError",
     "RelaySidecarError",
+    "ResourceExhaustedError",
     "Status",
     "StatusError",
     "StatusStream",

@@ -91,6 +91,8 @@ def send_request(
     description_type: Union[DescriptionType, str],
     description: str,
     worker: str,
+    conversation: bool = False,
+    wait_for_conversation: bool = False,
 ) -> pb.SendRequest:
     """A ``SendRequest``. Strings pass through unchecked: the daemon validates
     them and names the bad field, so there is one source of truth."""
@@ -101,4 +103,6 @@ def send_request(
         description_type=str(description_type),
         description=description,
         worker=worker,
+        conversation=conversation,
+        wait_for_conversation=wait_for_conversation,
     )

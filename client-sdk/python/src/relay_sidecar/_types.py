@@ -65,10 +65,24 @@ class Counters:
     delivered: int = 0
     #: Inbound messages dropped because nobody was subscribed and the buffer was full.
     dropped_no_subscriber: int = 0
-    #: Inbound messages a group lost because its members' queues were full.
+    #: Inbound messages a group lost because its members' queues were full, or
+    #: that a conversation's holder lost because its queue was full.
     dropped_queue_full: int = 0
     #: Distinct workers with an open Subscribe stream now.
     workers: int = 0
+    #: Conversations with remote peers held by local workers now.
+    conversations: int = 0
+    #: Sends and holds refused because another worker held the conversation.
+    conversation_conflicts: int = 0
+    #: Conversations that ended because nothing renewed them in time.
+    conversations_expired: int = 0
+    #: Offers from remote peers answered with a refusal.
+    offers_refused: int = 0
+    #: Inbound messages dropped after waiting for a subscriber past ``backlog_ttl``.
+    dropped_expired: int = 0
+    #: Inbound messages dropped because they belonged to no conversation and
+    #: only conversation subscriptions were open.
+    dropped_no_conversation: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -331,6 +331,8 @@ class Client:
         *,
         worker: Optional[str] = None,
         timeout: Optional[float] = None,
+        conversation: bool = False,
+        wait_for_conversation: bool = False,
     ) -> None:
         """Sends one message to a peer as this host's identity.
 
@@ -345,6 +347,12 @@ class Client:
             worker: The worker label for this send, instead of the client's.
             timeout: How long the daemon may wait for its relay connection to
                 be registered (default: the daemon's send timeout).
+            conversation: Take part in the conversation with the peer: claim
+                it for this worker, or renew it (see ``subscribe``'s
+                ``conversations``; the worker needs such a subscription).
+            wait_for_conversation: While another worker holds the peer's
+                conversation, wait for it to end (up to ``timeout``, else the
+                daemon's send timeout) instead of raising ``AbortedError``.
 
         Raises:
             InvalidArgumentError: A field is malformed or too large (the
@@ -354,9 +362,19 @@ class Client:
             UnconfirmedError: Written, but the relay connection was lost before
                 the relay confirmed it; retrying may deliver it twice.
             FailedPreconditionError: The relay connection is FAILED.
+            AbortedError: Another local worker holds the conversation with the
+                peer (any send to it is refused, claiming or not); nothing was
+                sent.
+            ResourceExhaustedError: ``conversation`` and the host holds as
+                many conversations as it keeps; nothing was sent.
         """
         request = _convert.send_request(
-            peer_uuid, description_type, description, worker or self.worker or ""
+            peer_uuid,
+            description_type,
+            description,
+            worker or self.worker or "",
+            conversation,
+            wait_for_conversation,
         )
         try:
             self._stub.Send(request, timeout=timeout)
@@ -368,6 +386,7 @@ class Client:
         group: Optional[str] = None,
         *,
         exclusive: bool = False,
+        conversations: bool = False,
         timeout: Optional[float] = None,
         resume: float = RESUME_WITHIN,
     ) -> Subscription:
@@ -386,6 +405,14 @@ class Client:
         so is every other subscription to the group until this one ends. A
         resumed subscription holds it again.
 
+        With ``conversations``, a conversation subscription: it receives the
+        messages of the conversations this client's worker holds with remote
+        peers (claimed by its sends with ``conversation=True``, or started by
+        a peer's offer handed to it: each such offer goes to exactly one
+        conversation subscription on the host), and nothing else. Its
+        ``group`` then only matters for ``exclusive``. When the worker's last
+        conversation subscription ends, its conversations end with it.
+
         Raises:
             AlreadyExistsError: ``exclusive`` and the group is in use, or the
                 group is held exclusively by another subscription.
@@ -397,13 +424,58 @@ class Client:
         identity = self.status(timeout=timeout).uuid
         deadline = None if timeout is None else time.monotonic() + timeout
         request = pb.SubscribeRequest(
-            group=group or "", worker=self.worker or "", exclusive=exclusive
+            group=group or "",
+            worker=self.worker or "",
+            exclusive=exclusive,
+            conversations=conversations,
         )
         resumer = _Resumer(self, request, identity, resume, deadline)
         call = self._stub.Subscribe(request, timeout=timeout)
         subscription = Subscription(call, resumer)
         subscription._started()
         return subscription
+
+    def hold_conversation(
+        self,
+        peer_uuid: Union[uuid.UUID, str],
+        *,
+        wait: bool = False,
+        timeout: Optional[float] = None,
+    ) -> float:
+        """Claims the conversation with a peer for this client's worker
+        without sending, or renews it if the worker holds it: what keeps a
+        conversation whose WebRTC connection is up (and so quiet on the
+        relay). Returns the seconds it lasts without another sign of life;
+        renew well within them.
+
+        Raises:
+            AbortedError: Another worker holds it (with ``wait``: still, once
+                ``timeout`` or the daemon's send timeout has passed).
+            InvalidArgumentError: A malformed uuid, or the worker has no
+                conversation subscription.
+            ResourceExhaustedError: The host holds as many conversations as
+                it keeps.
+        """
+        request = pb.HoldConversationRequest(
+            peer_uuid=str(peer_uuid), worker=self.worker or "", wait=wait
+        )
+        try:
+            response = self._stub.HoldConversation(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return response.expires_in.ToTimedelta().total_seconds()
+
+    def release_conversation(
+        self, peer_uuid: Union[uuid.UUID, str], *, timeout: Optional[float] = None
+    ) -> bool:
+        """Ends this client's worker's conversation with a peer. Returns
+        whether it held it (another worker's is left alone)."""
+        request = pb.ReleaseConversationRequest(peer_uuid=str(peer_uuid), worker=self.worker or "")
+        try:
+            response = self._stub.ReleaseConversation(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return response.released
 
     def reconnect(self, *, timeout: Optional[float] = None) -> None:
         """Drops the relay connection and registers again at once: the way out

@@ -19,6 +19,8 @@ __all__ = [
     "FailedPreconditionError",
     "PermissionDeniedError",
     "AlreadyExistsError",
+    "AbortedError",
+    "ResourceExhaustedError",
     "ProtocolError",
     "StatusError",
     "SubscriptionLostError",
@@ -136,6 +138,23 @@ class AlreadyExistsError(RelaySidecarError):
     _prefix = "already exists: "
 
 
+class AbortedError(RelaySidecarError):
+    """Another local worker holds the conversation with the peer; nothing was
+    sent (``ABORTED``). The message names the holder: retry once it has
+    ended, or wait for it (``wait_for_conversation=True``)."""
+
+    _code = grpc.StatusCode.ABORTED
+    _prefix = "aborted: "
+
+
+class ResourceExhaustedError(RelaySidecarError):
+    """The host holds as many conversations as it keeps; nothing was sent
+    (``RESOURCE_EXHAUSTED``)."""
+
+    _code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    _prefix = "resource exhausted: "
+
+
 class ProtocolError(RelaySidecarError):
     """The daemon sent something this SDK cannot understand (a malformed
     uuid, an unknown enum value, a missing field)."""
@@ -169,6 +188,8 @@ _BY_CODE = {
         FailedPreconditionError,
         PermissionDeniedError,
         AlreadyExistsError,
+        AbortedError,
+        ResourceExhaustedError,
     )
 }
 

@@ -40,7 +40,7 @@ async def claim(socket_path: Optional[PathLike]) -> SidecarRelayClient:
             endpoint, or another ``PeerManager`` on the daemon, is subscribed.
         relay_sidecar.ConnectError: No daemon answers on the socket.
     """
-    client = SidecarRelayClient(socket_path, group=GROUP, exclusive=True)
+    client = SidecarRelayClient(socket_path=socket_path, group=GROUP, exclusive=True)
     try:
         await client.connect()
     except AlreadyExistsError as e:

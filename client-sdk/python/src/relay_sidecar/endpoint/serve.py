@@ -27,9 +27,9 @@ from proxystore.endpoint.config import EndpointConfig
 from proxystore.endpoint.endpoint import Endpoint
 from proxystore.endpoint.serve import create_app
 from proxystore.endpoint.storage import DictStorage, SQLiteStorage
-from proxystore.p2p.manager import PeerManager
 
 from .._socket import PathLike
+from ..proxystore import PeerManager
 from . import compat
 from .errors import IdentityMismatchError
 from .exclusive import claim
