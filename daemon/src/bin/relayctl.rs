@@ -217,7 +217,7 @@ fn seconds(s: &str) -> Result<Duration, String> {
 }
 
 fn print_status(s: &Status) {
-    let row = |key: &str, value: &dyn std::fmt::Display| println!("{key:<11}{value}");
+    let row = |key: &str, value: &dyn std::fmt::Display| println!("{key:<15}{value}");
     let c = &s.counters;
     row("uuid", &s.uuid);
     row("name", &shown(&s.name));
@@ -245,8 +245,18 @@ fn print_status(s: &Status) {
     row(
         "dropped",
         &format_args!(
-            "no subscriber {}, queue full {}",
-            c.dropped_no_subscriber, c.dropped_queue_full
+            "no subscriber {}, queue full {}, expired {}, no conversation {}",
+            c.dropped_no_subscriber,
+            c.dropped_queue_full,
+            c.dropped_expired,
+            c.dropped_no_conversation
+        ),
+    );
+    row(
+        "conversations",
+        &format_args!(
+            "held {}, conflicts {}, expired {}, offers refused {}",
+            c.conversations, c.conversation_conflicts, c.conversations_expired, c.offers_refused
         ),
     );
     row(
@@ -271,6 +281,12 @@ fn status_json(s: &Status) -> Value {
             "undecodable": c.undecodable, "delivered": c.delivered,
             "dropped_no_subscriber": c.dropped_no_subscriber,
             "dropped_queue_full": c.dropped_queue_full, "workers": c.workers,
+            "dropped_expired": c.dropped_expired,
+            "dropped_no_conversation": c.dropped_no_conversation,
+            "conversations": c.conversations,
+            "conversation_conflicts": c.conversation_conflicts,
+            "conversations_expired": c.conversations_expired,
+            "offers_refused": c.offers_refused,
         },
         "version": s.version,
     })
