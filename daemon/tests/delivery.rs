@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use relay_sidecar_client::{Client, DescriptionType, PeerMessage, Status, Subscription};
-use support::sidecar::{TestDaemon, dev_relay, settings};
+use relay_sidecar_client::{Client, DescriptionType, PeerMessage, Subscription};
+use support::sidecar::{TestDaemon, dev_relay, settings, status_until};
 use support::{Dialect, PyPeer, PyRelay};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -47,22 +47,6 @@ async fn take(
     .await
     .unwrap_or_else(|_| panic!("only {} of {n} messages arrived", got.len()));
     got
-}
-
-/// Polls the status until `done` holds (bounded): for counters, which have
-/// no change stream of their own.
-async fn status_until(client: &Client, done: impl Fn(&Status) -> bool) -> Status {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let status = client.status().await.unwrap();
-            if done(&status) {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("status condition in time")
 }
 
 async fn send_numbered(from: &Client, to: Uuid, range: std::ops::Range<usize>) {

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use relay_sidecar_client::proto::v1;
-use relay_sidecar_client::{Client, DescriptionType, Outgoing, Status};
+use relay_sidecar_client::{Client, DescriptionType, Outgoing};
 use support::Dialect;
-use support::sidecar::{TestDaemon, daemon_args, daemon_command, dev_relay, registered};
+use support::sidecar::{
+    TestDaemon, daemon_args, daemon_command, dev_relay, registered, status_until,
+};
 use tokio::io::AsyncBufReadExt;
 use uuid::Uuid;
 
@@ -63,20 +65,6 @@ async fn daemon(
     .expect("the daemon serves");
     registered(&client).await;
     (child, socket, rx)
-}
-
-async fn status_until(client: &Client, done: impl Fn(&Status) -> bool) -> Status {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let status = client.status().await.unwrap();
-            if done(&status) {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("status condition in time")
 }
 
 /// Streams `requests` on one SendStream call; returns how many failed, by

@@ -21,10 +21,17 @@
 //! can take is refused at once, so that its sender hears so
 //! ([`Refusal`]). Everything a caller or a peer can make this module keep
 //! is bounded in count and bytes, and expires.
+//!
+//! Here: the types, subscribing and the sweeper. Delivery is in `dispatch`,
+//! what a worker may send and the conversations it claims in `claims`, the
+//! leases in [`conversations`], and the bounded `backlog`, `affinity` and
+//! drop summaries (`drops`) in their own modules.
 
 mod affinity;
 mod backlog;
+mod claims;
 pub mod conversations;
+mod dispatch;
 mod drops;
 
 use std::pin::Pin;
@@ -326,27 +333,6 @@ impl Member {
     }
 }
 
-/// What became of one message, across the subscriptions it was offered to.
-#[derive(Default)]
-struct Outcome {
-    delivered: u64,
-    full: u64,
-    closed: bool,
-}
-
-/// What the conversation rules did with a message.
-enum Conversed {
-    /// Handed to the conversation's holder (or to the subscriber that now
-    /// holds a new one).
-    Delivered,
-    /// Its holder's queue was full: lost, and counted.
-    Lost,
-    /// An offer nobody could take.
-    Refused(RefusalReason),
-    /// Not a conversation's message: plain subscriptions only.
-    NotOurs,
-}
-
 impl Inner {
     fn is_empty(&self) -> bool {
         self.solo.is_empty() && self.groups.is_empty() && self.conversers.is_empty()
@@ -449,136 +435,6 @@ impl Router {
         self.lock().conversations.live(Instant::now())
     }
 
-    /// Whether `worker` may send to `peer` now, and if `claim`, gives it
-    /// `peer`'s conversation. A conversation another worker holds refuses
-    /// every send to its peer, claiming or not; with `wait_until`, waits
-    /// (until then at the latest) for it to end instead of refusing at once.
-    /// On success the peer's replies also prefer `worker` in plain groups.
-    /// Returns how the claim went when there was one.
-    pub async fn clear_to_send(
-        &self,
-        worker: &Worker,
-        peer: Uuid,
-        claim: bool,
-        wait_until: Option<Instant>,
-    ) -> Result<Option<Claimed>, RouterError> {
-        let cleared = self
-            .when_free(wait_until, || self.admit(worker, peer, claim))
-            .await?;
-        self.note_send(worker, peer);
-        Ok(cleared)
-    }
-
-    /// [`Router::clear_to_send`] without waiting, for a stream of sends.
-    pub fn try_clear_to_send(
-        &self,
-        worker: &Worker,
-        peer: Uuid,
-        claim: bool,
-    ) -> Result<Option<Claimed>, RouterError> {
-        let cleared = self.admit(worker, peer, claim);
-        if matches!(cleared, Err(RouterError::Held { .. })) {
-            Counters::add(&self.counters.conversation_conflicts, 1);
-        }
-        let cleared = cleared?;
-        self.note_send(worker, peer);
-        Ok(cleared)
-    }
-
-    /// Claims or renews `peer`'s conversation for `worker` without sending;
-    /// returns how long it now lasts without another sign of life.
-    pub async fn hold(
-        &self,
-        worker: &Worker,
-        peer: Uuid,
-        wait_until: Option<Instant>,
-    ) -> Result<Duration, RouterError> {
-        self.when_free(wait_until, || self.admit(worker, peer, true))
-            .await?;
-        Ok(self.limits.conversation_ttl)
-    }
-
-    /// Ends `peer`'s conversation if `worker` holds it.
-    pub fn release(&self, worker: &Worker, peer: Uuid) -> bool {
-        let released = self.lock().conversations.release(worker, peer);
-        if released {
-            debug!(%peer, worker = worker.as_str(), "conversation released");
-            self.ended.notify_waiters();
-        }
-        released
-    }
-
-    /// Runs `attempt` until it is not refused for a held conversation, or
-    /// `wait_until` passes; counts a refusal that stands.
-    async fn when_free<T>(
-        &self,
-        wait_until: Option<Instant>,
-        attempt: impl Fn() -> Result<T, RouterError>,
-    ) -> Result<T, RouterError> {
-        loop {
-            // Listen before looking, so that an end in between is not missed.
-            let ended = self.ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            let result = attempt();
-            let wait = match (&result, wait_until) {
-                (Err(RouterError::Held { .. }), Some(until)) if until > Instant::now() => until,
-                (Err(RouterError::Held { .. }), _) => {
-                    Counters::add(&self.counters.conversation_conflicts, 1);
-                    return result;
-                }
-                _ => return result,
-            };
-            if tokio::time::timeout_at(wait, ended).await.is_err() {
-                let last = attempt();
-                if matches!(last, Err(RouterError::Held { .. })) {
-                    Counters::add(&self.counters.conversation_conflicts, 1);
-                }
-                return last;
-            }
-        }
-    }
-
-    fn admit(
-        &self,
-        worker: &Worker,
-        peer: Uuid,
-        claim: bool,
-    ) -> Result<Option<Claimed>, RouterError> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        if !claim {
-            inner
-                .conversations
-                .check(worker, peer, now)
-                .map_err(|c| RouterError::conflict(peer, c))?;
-            // Nobody else holds it: if `worker` does, this is a sign of life.
-            inner.conversations.renew(peer, now);
-            return Ok(None);
-        }
-        if !inner.has_converser(worker) {
-            return Err(RouterError::NoConversationSubscription {
-                worker: worker.as_str().to_owned(),
-            });
-        }
-        let claimed = inner
-            .conversations
-            .claim(worker, peer, now)
-            .map_err(|c| RouterError::conflict(peer, c))?;
-        if claimed == Claimed::New {
-            debug!(%peer, worker = worker.as_str(), "conversation claimed");
-        }
-        Ok(Some(claimed))
-    }
-
-    /// Records that `worker` is sending to `peer`: the peer's replies (and
-    /// the relay's returns of this send) prefer that worker in plain groups
-    /// for a while. Called before the message is written, since a reply can
-    /// be quick.
-    fn note_send(&self, worker: &Worker, peer: Uuid) {
-        self.lock().affinity.bind(worker, peer, Instant::now());
-    }
-
     /// Adds a subscriber. The first subscriber also receives the backlog.
     pub fn subscribe(
         self: &Arc<Self>,
@@ -674,190 +530,6 @@ impl Router {
                 self.ended.notify_waiters();
             }
         }
-    }
-
-    /// Delivers one inbound message. Never blocks, never allocates beyond
-    /// the message itself.
-    pub fn dispatch(&self, message: PeerMessage) {
-        let now = Instant::now();
-        let cost = message.cost();
-        let mut inner = self.lock();
-        self.route(&mut inner, Arc::new(message), cost, now);
-    }
-
-    fn route(&self, inner: &mut Inner, message: Arc<PeerMessage>, cost: usize, now: Instant) {
-        if inner.is_empty() {
-            if message.is_offer() && self.limits.unclaimed_offers == UnclaimedOffers::Refuse {
-                self.refuse(inner, message.remote(), RefusalReason::NoWorker, now);
-            } else {
-                let lost = inner.backlog.push(message, cost, now);
-                let tally = &mut inner.tally;
-                tally.drop(&self.counters, Reason::NoSubscriber, lost.overflow, now);
-                tally.drop(&self.counters, Reason::Expired, lost.expired, now);
-            }
-            return;
-        }
-        let mut outcome = Outcome::default();
-        let conversed = if inner.conversers.is_empty() && inner.conversations.is_empty() {
-            Conversed::NotOurs
-        } else {
-            self.converse(inner, &message, cost, now, &mut outcome)
-        };
-        let plain = !(inner.solo.is_empty() && inner.groups.is_empty());
-        if plain {
-            self.deliver_plain(inner, &message, cost, now, &mut outcome);
-        }
-        match conversed {
-            Conversed::Refused(why) => self.refuse(inner, message.remote(), why, now),
-            Conversed::NotOurs if !plain => {
-                inner
-                    .tally
-                    .drop(&self.counters, Reason::NoConversation, 1, now);
-            }
-            _ => {}
-        }
-        if outcome.closed {
-            inner.prune(|m| !m.tx.is_closed());
-        }
-        Counters::add(&self.counters.delivered, outcome.delivered);
-        inner
-            .tally
-            .drop(&self.counters, Reason::QueueFull, outcome.full, now);
-    }
-
-    /// The conversation rules for one message.
-    fn converse(
-        &self,
-        inner: &mut Inner,
-        message: &Arc<PeerMessage>,
-        cost: usize,
-        now: Instant,
-        outcome: &mut Outcome,
-    ) -> Conversed {
-        let budget = self.limits.subscriber_queue_bytes;
-        let remote = message.remote();
-        if let Some(holder) = inner.conversations.holder(remote, now).cloned() {
-            if inner.has_converser(&holder) {
-                inner.conversations.renew(remote, now);
-                let mut conversed = Conversed::Lost;
-                for c in inner
-                    .conversers
-                    .iter()
-                    .filter(|c| c.member.worker == holder)
-                {
-                    match c.member.hand(message, cost, budget) {
-                        Handed::Taken => {
-                            conversed = Conversed::Delivered;
-                            break;
-                        }
-                        Handed::Full => {}
-                        Handed::Closed => outcome.closed = true,
-                    }
-                }
-                match conversed {
-                    Conversed::Delivered => outcome.delivered += 1,
-                    _ => outcome.full += 1,
-                }
-                // The relay could not reach the peer, or the peer refused:
-                // the conversation is over once its holder has heard so.
-                if message.peer.error.is_some() {
-                    inner.conversations.end(remote);
-                    debug!(peer = %remote, worker = holder.as_str(), "conversation ended by an error");
-                    self.ended.notify_waiters();
-                }
-                return conversed;
-            }
-            // Its holder's subscriptions are gone: so is the conversation.
-            inner.conversations.end(remote);
-            self.ended.notify_waiters();
-        }
-        if !message.is_offer() || inner.conversers.is_empty() {
-            return Conversed::NotOurs;
-        }
-        if inner.conversations.len() >= MAX_CONVERSATIONS {
-            self.expire_conversations(inner, now);
-        }
-        if inner.conversations.len() >= MAX_CONVERSATIONS {
-            return Conversed::Refused(RefusalReason::Full);
-        }
-        // A new conversation: exactly one conversation subscriber, in turn.
-        let count = inner.conversers.len();
-        let start = inner.next_converser % count;
-        for offset in 0..count {
-            let index = (start + offset) % count;
-            let member = &inner.conversers[index].member;
-            match member.hand(message, cost, budget) {
-                Handed::Taken => {
-                    let holder = member.worker.clone();
-                    // Nobody holds it and there is room: this cannot fail.
-                    let _ = inner.conversations.claim(&holder, remote, now);
-                    debug!(peer = %remote, worker = holder.as_str(), "conversation started by the peer");
-                    inner.next_converser = index + 1;
-                    outcome.delivered += 1;
-                    return Conversed::Delivered;
-                }
-                Handed::Full => {}
-                Handed::Closed => outcome.closed = true,
-            }
-        }
-        Conversed::Refused(RefusalReason::Busy)
-    }
-
-    /// The plain rules: every group once, ungrouped subscribers each.
-    fn deliver_plain(
-        &self,
-        inner: &mut Inner,
-        message: &Arc<PeerMessage>,
-        cost: usize,
-        now: Instant,
-        outcome: &mut Outcome,
-    ) {
-        let budget = self.limits.subscriber_queue_bytes;
-        let preferred = inner.affinity.preferred(message.remote(), now);
-        // Ungrouped subscribers each get the message.
-        for member in &inner.solo {
-            match member.hand(message, cost, budget) {
-                Handed::Taken => outcome.delivered += 1,
-                Handed::Full => outcome.full += 1,
-                Handed::Closed => outcome.closed = true,
-            }
-        }
-        // Each named group gets it once: from the preferred worker's
-        // subscription if it has one there, else from the member whose turn
-        // it is; a full member passes it on to the next.
-        for group in &mut inner.groups {
-            let count = group.members.len();
-            let affine = preferred.and_then(|w| group.members.iter().position(|m| &m.worker == w));
-            let start = affine.unwrap_or(group.turn);
-            let mut taken = false;
-            for offset in 0..count {
-                let index = (start + offset) % count;
-                match group.members[index].hand(message, cost, budget) {
-                    Handed::Taken => {
-                        if affine.is_none() {
-                            group.turn = index + 1;
-                        }
-                        taken = true;
-                        break;
-                    }
-                    Handed::Full => {}
-                    Handed::Closed => outcome.closed = true,
-                }
-            }
-            if taken {
-                outcome.delivered += 1;
-            } else {
-                outcome.full += 1;
-            }
-        }
-    }
-
-    /// Turns an offer down: counted, and queued for an answer to its sender.
-    fn refuse(&self, inner: &mut Inner, peer: Uuid, why: RefusalReason, now: Instant) {
-        inner.tally.refuse(&self.counters, now);
-        debug!(%peer, reason = why.describe(), "offer refused");
-        // Full: the refusal stands, only unanswered (see REFUSALS_QUEUED).
-        let _ = self.refusals.try_send(Refusal { peer, why });
     }
 
     /// Sweeps expired backlog messages, bindings and conversations away

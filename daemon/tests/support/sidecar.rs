@@ -15,6 +15,9 @@ use super::Dialect;
 
 /// Bound on waiting for a state in tests (a failure guard, not a delay).
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on waiting for counters to reach a value (a failure guard; some
+/// tests push many thousands of messages through first).
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Settings for a test daemon: a temp-dir socket and state, fast retries.
 pub fn settings(dir: &Path, relay_url: &str, dialect: Dialect) -> Settings {
@@ -336,4 +339,20 @@ impl LoggedDaemon {
         );
         log
     }
+}
+
+/// Polls the status until `done` holds (bounded by [`STATUS_TIMEOUT`]): for
+/// counters, which have no change stream of their own.
+pub async fn status_until(client: &Client, done: impl Fn(&Status) -> bool) -> Status {
+    tokio::time::timeout(STATUS_TIMEOUT, async {
+        loop {
+            let status = client.status().await.unwrap();
+            if done(&status) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("status condition in time")
 }
