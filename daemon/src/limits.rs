@@ -1,6 +1,7 @@
 //! Every bound the daemon puts on what a local caller can make it hold on
-//! the socket and on the metrics endpoint: connections, streams, header
-//! bytes, time. Each says why it is that number; the ones an operator may
+//! the socket and on the metrics endpoint (connections, streams, header
+//! bytes, time), and on what callers and remote peers make the router keep
+//! for delivery. Each says why it is that number; the ones an operator may
 //! need to change are settings (`config.rs`), whose defaults are here too.
 //!
 //! The README's "Limits and abuse" table lists the attack each one answers.
@@ -155,8 +156,44 @@ pub const METRICS_CONNECTIONS: usize = 16;
 /// answered (no keep-alive) within it.
 pub const METRICS_CONNECTION_TIME: Duration = Duration::from_secs(10);
 
+// --- The router: what callers and remote peers make it keep for delivery.
+// --- Its queue and backlog budgets are settings (`config.rs`).
+
+/// The longest worker label or group name, in bytes. Checked where
+/// requests come in (INVALID_ARGUMENT naming the field): labels are kept in
+/// the router's tables, and a caller chooses them. Generous for a label
+/// such as `ingest-3` or `proxystore-1234-5f3a9c2e`.
+pub const MAX_LABEL_BYTES: usize = 256;
+
+/// The most remote peers the reply-affinity table remembers. A host talks
+/// to tens or hundreds of peers within one `affinity` period; past this the
+/// oldest binding is forgotten (its replies then take turns in their group,
+/// as after an expiry), so a caller sending to endless fresh uuids costs a
+/// fixed amount of memory (with labels of at most [`MAX_LABEL_BYTES`],
+/// under 2 MiB).
+pub const MAX_AFFINITY_ENTRIES: usize = 4096;
+
+/// The most conversations the host holds at once. A ProxyStore worker
+/// holds one per remote peer it has a connection with; a thousand local
+/// workers each with four remote peers fit. Bounded because any local
+/// caller can claim fresh uuids, and any remote peer can offer.
+pub const MAX_CONVERSATIONS: usize = 4096;
+
+/// Refusals of remote offers waiting to be written to the relay. An offer
+/// refused while this many are queued is still refused, only without the
+/// answer (its sender times out instead): a flood of offers cannot make the
+/// daemon queue an answer to each.
+pub const REFUSALS_QUEUED: usize = 256;
+
+/// How often expired backlog messages, affinity bindings and conversations
+/// are swept away, and a pending drop summary is logged when due: the
+/// resolution of every time-to-live in the router.
+pub const ROUTER_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 // --- Logs.
 
 /// Events a caller can cause in volume (connections refused or shed,
-/// Reconnects refused) are logged once, then as a count per this interval.
+/// Reconnects refused) are logged once, then as a count per this interval;
+/// messages the router drops, and offers it refuses, as one summary per
+/// this interval.
 pub const LOG_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);

@@ -20,11 +20,9 @@ use uuid::Uuid;
 use crate::access::Admins;
 use crate::codec::{self, DESCRIPTION_TYPES, Dialect};
 use crate::identity::Identity;
-use crate::limits::{FAR_DEADLINE, GRPC_TIMEOUT_DIGITS};
+use crate::limits::{FAR_DEADLINE, GRPC_TIMEOUT_DIGITS, MAX_LABEL_BYTES};
 use crate::relay::{Handle, Outgoing, SendError, Ticket};
-use crate::router::{
-    Claimed, Interest, MAX_LABEL_BYTES, PeerMessage, Refusal, Router, RouterError, Worker,
-};
+use crate::router::{Claimed, Interest, PeerMessage, Refusal, Router, RouterError, Worker};
 use crate::status::{ConnectionState, Counters, LinkStatus};
 
 /// The most messages of one SendStream taken together: what has arrived is

@@ -1,7 +1,8 @@
 //! Reply affinity for plain subscriptions: which worker last sent to a
 //! remote peer, and until when its replies prefer that worker. Keyed by
 //! what callers choose (peer uuids, worker labels), so it is bounded in
-//! entries ([`MAX_ENTRIES`]) and forgets expired entries as it goes.
+//! entries ([`MAX_AFFINITY_ENTRIES`]) and forgets expired entries as it
+//! goes.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -10,14 +11,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::Worker;
-
-/// The most remote peers the table remembers. A host talks to tens or
-/// hundreds of peers within one `affinity` period; past this the oldest
-/// binding is forgotten (its replies then take turns in their group, as
-/// after an expiry), so a caller sending to endless fresh uuids costs a
-/// fixed amount of memory (with labels of at most `MAX_LABEL_BYTES`, under
-/// 2 MiB).
-pub const MAX_ENTRIES: usize = 4096;
+use crate::limits::MAX_AFFINITY_ENTRIES;
 
 #[derive(Debug)]
 pub struct Affinity {
@@ -45,7 +39,7 @@ impl Affinity {
             *binding = (worker.clone(), until);
             return;
         }
-        if self.bindings.len() >= MAX_ENTRIES
+        if self.bindings.len() >= MAX_AFFINITY_ENTRIES
             && let Some((oldest, _)) = self.order.pop_front()
         {
             self.bindings.remove(&oldest);
@@ -118,11 +112,11 @@ mod tests {
         let now = Instant::now();
         let first = Uuid::new_v4();
         table.bind(&Worker::label("w"), first, now);
-        for _ in 0..MAX_ENTRIES * 3 {
+        for _ in 0..MAX_AFFINITY_ENTRIES * 3 {
             table.bind(&Worker::label("w"), Uuid::new_v4(), now);
         }
-        assert_eq!(table.len(), MAX_ENTRIES);
-        assert_eq!(table.order.len(), MAX_ENTRIES);
+        assert_eq!(table.len(), MAX_AFFINITY_ENTRIES);
+        assert_eq!(table.order.len(), MAX_AFFINITY_ENTRIES);
         assert_eq!(table.preferred(first, now), None, "the oldest goes first");
     }
 }

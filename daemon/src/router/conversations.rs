@@ -18,12 +18,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::Worker;
-
-/// The most conversations the host holds at once. A ProxyStore worker
-/// holds one per remote peer it has a connection with; a thousand local
-/// workers each with four remote peers fit. Bounded because any local
-/// caller can claim fresh uuids, and any remote peer can offer.
-pub const MAX_CONVERSATIONS: usize = 4096;
+use crate::limits::MAX_CONVERSATIONS;
 
 #[derive(Debug, Clone)]
 pub struct Lease {

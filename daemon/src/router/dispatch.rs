@@ -8,9 +8,8 @@ use tracing::debug;
 use uuid::Uuid;
 
 use super::drops::Reason;
-use super::{
-    Handed, Inner, MAX_CONVERSATIONS, PeerMessage, Refusal, RefusalReason, Router, UnclaimedOffers,
-};
+use super::{Handed, Inner, PeerMessage, Refusal, RefusalReason, Router, UnclaimedOffers};
+use crate::limits::MAX_CONVERSATIONS;
 use crate::status::Counters;
 
 /// What became of one message, across the subscriptions it was offered to.

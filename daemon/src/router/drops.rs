@@ -1,20 +1,15 @@
 //! What the router loses, counted by reason, and said in the log as one
-//! summary per [`SUMMARY_EVERY`] rather than a line per message: a remote
-//! peer or a stalled subscriber can cause millions of drops, and a log line
-//! each would cost more than the messages did.
+//! summary per [`LOG_SUMMARY_INTERVAL`] rather than a line per message: a
+//! remote peer or a stalled subscriber can cause millions of drops, and a
+//! log line each would cost more than the messages did.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::limits::LOG_SUMMARY_INTERVAL;
 use crate::status::Counters;
-
-/// How often at most the router logs what it dropped (and which offers it
-/// refused): often enough to see a problem as it happens, rarely enough that
-/// a flood costs a handful of lines.
-pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// Why an inbound message went to nobody.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,12 +82,12 @@ impl Tally {
         self.log_if_due(now);
     }
 
-    /// Logs the summary once [`SUMMARY_EVERY`] has passed since its first
+    /// Logs the summary once [`LOG_SUMMARY_INTERVAL`] has passed since its first
     /// event.
     pub fn log_if_due(&mut self, now: Instant) {
         if self
             .since
-            .is_some_and(|since| now.duration_since(since) >= SUMMARY_EVERY)
+            .is_some_and(|since| now.duration_since(since) >= LOG_SUMMARY_INTERVAL)
         {
             self.log(now);
         }
@@ -148,6 +143,8 @@ fn thousands(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -175,7 +172,7 @@ mod tests {
             start + Duration::from_secs(3),
         );
         assert!(tally.since.is_some(), "nothing logged before the interval");
-        tally.log_if_due(start + SUMMARY_EVERY);
+        tally.log_if_due(start + LOG_SUMMARY_INTERVAL);
         assert!(tally.since.is_none() && tally.dropped == [0; 4]);
         let c = counters.snapshot();
         assert_eq!((c.dropped_no_subscriber, c.dropped_queue_full), (1000, 204));

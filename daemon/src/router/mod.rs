@@ -49,31 +49,12 @@ use uuid::Uuid;
 
 use self::affinity::Affinity;
 use self::backlog::{Backlog, BacklogLimits};
-pub use self::conversations::{Claimed, MAX_CONVERSATIONS};
+pub use self::conversations::Claimed;
 use self::conversations::{Conflict, Conversations};
-pub use self::drops::SUMMARY_EVERY;
 use self::drops::{Reason, Tally};
 use crate::codec::PeerConnection;
+use crate::limits::{MAX_CONVERSATIONS, REFUSALS_QUEUED, ROUTER_SWEEP_EVERY};
 use crate::status::Counters;
-
-pub use self::affinity::MAX_ENTRIES as MAX_AFFINITY_ENTRIES;
-
-/// The longest worker label or group name, in bytes. Checked where
-/// requests come in (INVALID_ARGUMENT naming the field): labels are kept in
-/// the router's tables, and a caller chooses them. Generous for a label
-/// such as `ingest-3` or `proxystore-1234-5f3a9c2e`.
-pub const MAX_LABEL_BYTES: usize = 256;
-
-/// How often expired backlog messages, affinity bindings and conversation
-/// leases are swept away, and a pending drop summary is logged when due:
-/// the resolution of every time-to-live here.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// Refusals waiting to be written to the relay. An offer refused while this
-/// many are queued is still refused, only without the answer (its sender
-/// times out instead): a flood of offers cannot make the daemon queue an
-/// answer to each.
-pub const REFUSALS_QUEUED: usize = 256;
 
 /// An inbound message as subscribers receive it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -533,10 +514,10 @@ impl Router {
     }
 
     /// Sweeps expired backlog messages, bindings and conversations away
-    /// every [`SWEEP_EVERY`], and logs drop summaries when they are due,
+    /// every [`ROUTER_SWEEP_EVERY`], and logs drop summaries when they are due,
     /// until `shutdown`.
     pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        let mut tick = tokio::time::interval(ROUTER_SWEEP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
