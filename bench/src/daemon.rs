@@ -60,6 +60,10 @@ impl DaemonProc {
                 command.env_remove(key);
             }
         }
+        // Workers start pinging other hosts before those hosts' workers have
+        // subscribed: keep such a ping for them, where the default answers
+        // it at once with a refusal.
+        command.env("RELAY_SIDECAR_UNCLAIMED_OFFERS", "backlog");
         let mut child = command
             .spawn()
             .with_context(|| format!("spawning {}", exe.display()))?;
