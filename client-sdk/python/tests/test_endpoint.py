@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, TypeVar
 
+import psutil
 import pytest
 from proxystore.connectors.endpoint import EndpointConnector, EndpointKey
 from proxystore.endpoint.config import write_config
@@ -297,6 +298,12 @@ def test_start_waits_for_the_daemon_and_refuses_what_would_break_it(
     pid = host.pid("a")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
+    # Dead once its parent (init, for a detached endpoint) has reaped it,
+    # which here can take a few seconds; ProxyStore counts a zombie as alive.
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(pid):
+        assert time.monotonic() < deadline, f"endpoint {pid} still exists 30 s after SIGKILL"
+        time.sleep(0.05)
     listed = host.sidecar("list").stdout
     assert any(line.split()[:2] == ["a", "HANGING"] for line in listed.splitlines()), listed
     host.sidecar("start", "a")
