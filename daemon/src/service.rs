@@ -467,7 +467,12 @@ impl RelaySidecar for Service {
                 wait_for_conversation.then_some(deadline),
             )
             .await?;
-        let sent = match self.inner.relay.submit(Outgoing { peer, frame }, deadline).await {
+        let sent = match self
+            .inner
+            .relay
+            .submit(Outgoing { peer, frame }, deadline)
+            .await
+        {
             Ok(ticket) if call_timeout(&request).is_some() => {
                 match tokio::time::timeout_at(deadline, ticket.outcome()).await {
                     Ok(outcome) => outcome,
