@@ -51,7 +51,10 @@ impl Router {
         now: Instant,
     ) {
         if inner.is_empty() {
-            if message.is_offer() && self.limits.unclaimed_offers == UnclaimedOffers::Refuse {
+            if message.is_offer()
+                && !message.is_self_addressed()
+                && self.limits.unclaimed_offers == UnclaimedOffers::Refuse
+            {
                 self.refuse(inner, message.remote(), RefusalReason::NoWorker, now);
             } else {
                 let lost = inner.backlog.push(message, cost, now);

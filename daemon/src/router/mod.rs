@@ -80,6 +80,12 @@ impl PeerMessage {
         !self.bounced && self.peer.error.is_none() && self.peer.description_type == "offer"
     }
 
+    /// Sent by this host to itself (a worker to another, through the relay):
+    /// there is no remote peer to answer with a refusal.
+    fn is_self_addressed(&self) -> bool {
+        !self.bounced && self.peer.source_uuid == self.peer.peer_uuid
+    }
+
     /// What holding it costs, in bytes, for the byte budgets.
     fn cost(&self) -> usize {
         let p = &self.peer;

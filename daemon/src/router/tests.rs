@@ -210,6 +210,20 @@ fn an_offer_with_nobody_subscribed_is_refused_not_kept() {
 }
 
 #[test]
+fn an_offer_this_host_sent_itself_waits_for_a_subscriber() {
+    // Nobody is there to be told "no worker": the host is its own sender.
+    let mut f = with(limits(8, 8));
+    let me = Uuid::new_v4();
+    let mut offer = from(me, 0);
+    offer.peer.peer_uuid = me;
+    f.router.dispatch(offer);
+    assert!(f.refused.try_recv().is_err());
+    assert_eq!(f.counters.snapshot().offers_refused, 0);
+    let mut sub = join(&f.router, None, Worker::label("w"));
+    assert_eq!(drain(&mut sub), ["0"]);
+}
+
+#[test]
 fn replies_follow_the_worker_that_sent_and_fall_back_when_it_leaves() {
     let (router, _) = router(100, 10);
     let (p1, p2) = (Uuid::new_v4(), Uuid::new_v4());
