@@ -35,6 +35,7 @@ async fn stream_to_self_across_restarts(relay: &mut impl Restart) {
             ("RELAY_SIDECAR_BACKOFF_MAX", "500ms"),
             // The test's reader may fall behind; the daemon must not drop.
             ("RELAY_SIDECAR_SUBSCRIBER_QUEUE", queue.as_str()),
+            ("RELAY_SIDECAR_SUBSCRIBER_QUEUE_BYTES", "268435456"),
         ],
         &[],
     )
