@@ -417,7 +417,7 @@ async fn a_subscription_resumes_when_its_stream_ends() {
     let subscribes = seen
         .take()
         .into_iter()
-        .filter(|l| l == "subscribe group=\"g\" worker=\"w1\"")
+        .filter(|l| l == "subscribe group=\"g\" worker=\"w1\" exclusive=false conversations=false")
         .count();
     assert_eq!(subscribes, 2, "the same group and worker, subscribed again");
 }
