@@ -51,6 +51,7 @@ impl From<v1::Counters> for Counters {
             offers_refused: c.offers_refused,
             dropped_expired: c.dropped_expired,
             dropped_no_conversation: c.dropped_no_conversation,
+            confirmations: c.confirmations,
         }
     }
 }
@@ -165,6 +166,7 @@ mod tests {
                 offers_refused: 15,
                 dropped_expired: 16,
                 dropped_no_conversation: 17,
+                confirmations: 18,
             }),
             version: "0.1.0".into(),
         }
@@ -200,8 +202,11 @@ mod tests {
                 c.offers_refused,
                 c.dropped_expired,
                 c.dropped_no_conversation,
+                c.confirmations,
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+            [
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
+            ]
         );
         assert_eq!(s.version, "0.1.0");
     }

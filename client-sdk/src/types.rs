@@ -147,6 +147,9 @@ pub struct Counters {
     /// Of `dropped`: only conversation subscribers were there, and the
     /// message belonged to no conversation.
     pub dropped_no_conversation: u64,
+    /// Round trips through the relay that confirmed sends; every send of a
+    /// write batch shares one, whichever worker made it.
+    pub confirmations: u64,
 }
 
 /// The daemon's identity, connection state and counters.

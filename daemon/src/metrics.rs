@@ -326,6 +326,11 @@ impl Collector for LinkCollector {
                 crate::logging::dropped_lines(),
             ),
             (
+                "confirmations",
+                "Round trips through the relay that confirmed sends (one per write batch, shared by its sends)",
+                c.confirmations,
+            ),
+            (
                 "offers_refused",
                 "Offers from peers answered with a refusal (nobody could take the conversation)",
                 c.offers_refused,

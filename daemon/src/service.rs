@@ -188,6 +188,7 @@ impl Service {
                 offers_refused: c.offers_refused,
                 dropped_expired: c.dropped_expired,
                 dropped_no_conversation: c.dropped_no_conversation,
+                confirmations: c.confirmations,
             }),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }

@@ -88,6 +88,8 @@ pub struct Counters {
     /// Conversations ended by their time-to-live.
     pub conversations_expired: AtomicU64,
     pub delivered: AtomicU64,
+    /// Round trips through the relay (probes back) that confirmed sends.
+    pub confirmations: AtomicU64,
     pub reconnects: AtomicU64,
     pub undecodable: AtomicU64,
 }
@@ -106,6 +108,7 @@ pub struct CounterSnapshot {
     pub conversation_conflicts: u64,
     pub conversations_expired: u64,
     pub delivered: u64,
+    pub confirmations: u64,
     pub reconnects: u64,
     pub undecodable: u64,
 }
@@ -139,6 +142,7 @@ impl Counters {
             conversation_conflicts: get(&self.conversation_conflicts),
             conversations_expired: get(&self.conversations_expired),
             delivered: get(&self.delivered),
+            confirmations: get(&self.confirmations),
             reconnects: get(&self.reconnects),
             undecodable: get(&self.undecodable),
         }

@@ -243,6 +243,10 @@ fn print_status(s: &Status) {
         ),
     );
     row(
+        "confirmed",
+        &format_args!("{sent} sends in {} round trips", c.confirmations),
+    );
+    row(
         "dropped",
         &format_args!(
             "no subscriber {}, queue full {}, expired {}, no conversation {}",
@@ -287,6 +291,7 @@ fn status_json(s: &Status) -> Value {
             "conversation_conflicts": c.conversation_conflicts,
             "conversations_expired": c.conversations_expired,
             "offers_refused": c.offers_refused,
+            "confirmations": c.confirmations,
         },
         "version": s.version,
     })

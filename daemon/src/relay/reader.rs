@@ -106,6 +106,7 @@ impl Reader {
             Probe::Ours(seq) => {
                 let sent = self.shared.confirm(seq);
                 Counters::add(&self.counters.sent, sent);
+                Counters::add(&self.counters.confirmations, u64::from(sent > 0));
                 return;
             }
             Probe::Stale => {

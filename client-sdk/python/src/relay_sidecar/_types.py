@@ -83,6 +83,9 @@ class Counters:
     #: Inbound messages dropped because they belonged to no conversation and
     #: only conversation subscriptions were open.
     dropped_no_conversation: int = 0
+    #: Round trips through the relay that confirmed sends; every send of a
+    #: write batch shares one, whichever worker made it.
+    confirmations: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
