@@ -30,6 +30,7 @@ mod client;
 mod convert;
 mod error;
 pub mod paths;
+mod session;
 mod types;
 
 use std::fmt;
@@ -47,6 +48,7 @@ pub use client::{
 pub use error::Error;
 pub use paths::SOCKET_ENV;
 pub use relay_sidecar_proto as proto;
+pub use session::{Pending, SESSION_IN_FLIGHT, Session, SessionSender};
 pub use tonic;
 pub use types::{ConnectionState, Counters, DescriptionType, PeerMessage, Status};
 
