@@ -31,12 +31,16 @@ pub async fn measure(bench: &Bench, results: &mut Results) -> Result<()> {
     let a = bench.start_daemon("sidecar-a", &bench.relay_url).await?;
     let b = bench.start_daemon("sidecar-b", &bench.relay_url).await?;
     let (mut latencies, mut unary, mut stream) = (Vec::new(), Vec::new(), Vec::new());
+    let mut session_latencies = Vec::new();
     let mut round_trips = Vec::new();
     // CPU per message, µs: [unary, stream] x [sending, receiving daemon].
     let mut cpu: [[Vec<f64>; 2]; 2] = Default::default();
     for rep in 0..c.repetitions {
         round_trips.push(grpc_round_trips(&a, c.warmup, c.latency).await?);
         let samples = sidecar_latency(&a, &b, c.warmup, c.latency, c.payload).await?;
+        let session = session_latency(&a, &b, c.warmup, c.latency, c.payload).await?;
+        progress("session", rep, &session, None);
+        session_latencies.push(session);
         let start = (a.cpu_ns()?, b.cpu_ns()?);
         let u = sidecar_unary(&a, &b, c.unary, c.workers, c.payload).await?;
         let between = (a.cpu_ns()?, b.cpu_ns()?);
@@ -63,9 +67,14 @@ pub async fn measure(bench: &Bench, results: &mut Results) -> Result<()> {
         P50_P99,
         Some(LIMIT),
     );
-    // session.latency_p50 belongs here: the same ping-pong over the
-    // session RPC (one stream open both ways), compared with LIMIT; its
-    // target is in report::TARGETS.
+    results.latency(
+        "session",
+        "sidecar",
+        "session path (SDK Session: SendStream held open + Subscribe): worker > daemon > embedded relay > daemon > worker",
+        &session_latencies,
+        P50_P99,
+        Some(LIMIT),
+    );
     results.add(
         Row::new(
             "sidecar.grpc_round_trip",
@@ -179,6 +188,67 @@ pub async fn sidecar_latency(
     .await;
     responder.abort();
     measured.context("sidecar ping-pong timed out")??;
+    Ok(samples)
+}
+
+/// As [`sidecar_latency`], each worker on the session path: the ping sent on
+/// a SendStream held open, the pong answered on another, through the Rust
+/// SDK's `Session`.
+pub async fn session_latency(
+    a: &DaemonProc,
+    b: &DaemonProc,
+    warmup: usize,
+    count: usize,
+    size: usize,
+) -> Result<Vec<f64>> {
+    use relay_sidecar_client::{DescriptionType, SubscribeOptions};
+
+    let ping = relay_sidecar_client::connect(&a.socket)
+        .await?
+        .with_worker("ping");
+    let pong = relay_sidecar_client::connect(&b.socket)
+        .await?
+        .with_worker("pong");
+    let mut ping = ping.session(SubscribeOptions::new()).await?;
+    let (answers, mut pong_inbox) = pong.session(SubscribeOptions::new()).await?.into_split();
+    let responder = tokio::spawn(async move {
+        let mut pending = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                got = pong_inbox.next_message() => {
+                    let Some(message) = got? else { return anyhow::Ok(()) };
+                    ensure!(!message.bounced, "the relay returned a send: {:?}", message.error);
+                    let to = message.source_uuid;
+                    pending.push(answers.queue(to, DescriptionType::Answer, message.description).await);
+                }
+                Some(sent) = pending.next(), if !pending.is_empty() => sent?,
+            }
+        }
+    });
+    let mut samples = Vec::with_capacity(count);
+    let measured = timeout(MEASURE_TIMEOUT, async {
+        for seq in 0..warmup + count {
+            let text = payload(seq as u64, size);
+            let start = Instant::now();
+            let sent = ping
+                .queue(b.uuid, DescriptionType::Offer, text.clone())
+                .await;
+            let got = ping
+                .next_message()
+                .await?
+                .context("the ping session ended")?;
+            let arrived = Instant::now();
+            sent.await?;
+            ensure!(got.description == text, "ping {seq}: an unexpected answer");
+            if seq >= warmup {
+                samples.push((arrived - start).as_secs_f64() * 1e6 / 2.0);
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    responder.abort();
+    measured.context("session ping-pong timed out")??;
     Ok(samples)
 }
 

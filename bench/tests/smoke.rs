@@ -12,7 +12,7 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Every row the bench reports, in order.
-const ROWS: [&str; 32] = [
+const ROWS: [&str; 34] = [
     "raw.latency_p50",
     "raw.latency_p99",
     "raw.throughput",
@@ -25,6 +25,8 @@ const ROWS: [&str; 32] = [
     "memory.subscribed_shared_rss",
     "sidecar.latency_p50",
     "sidecar.latency_p99",
+    "session.latency_p50",
+    "session.latency_p99",
     "sidecar.grpc_round_trip",
     "sidecar.unary_throughput",
     "sidecar.stream_throughput",
