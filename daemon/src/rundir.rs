@@ -1,8 +1,12 @@
 //! The daemon's private directories: a user daemon's runtime directory (its
 //! socket, and a job's identity) and the state directory (the identity).
-//! Created 0700; an existing one must be a real directory that this user
-//! owns and nobody else may write, or the daemon refuses it: in a shared
-//! `/tmp`, another user could have made it first to catch the socket.
+//! Created 0700; an existing one must be a directory that this user owns
+//! and nobody else may write, or the daemon refuses it: in a shared `/tmp`,
+//! another user could have made it first to catch the socket. A symbolic
+//! link is followed only when it belongs to this user or to root (systemd's
+//! `DynamicUser=` makes `/var/lib/NAME` a root-owned link to
+//! `/var/lib/private/NAME`): another user's link could be re-pointed after
+//! the check.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -19,8 +23,10 @@ pub enum DirError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is a symbolic link; refusing it (remove it)")]
-    Symlink(PathBuf),
+    #[error(
+        "{path} is a symbolic link that belongs to uid {owner}, neither you nor root; refusing it (remove it)"
+    )]
+    Symlink { path: PathBuf, owner: u32 },
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
     #[error(
@@ -65,9 +71,16 @@ pub fn ensure_private(dir: &Path, group: Option<Gid>) -> Result<(), DirError> {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
         Err(e) => return Err(create(e)),
     }
-    let meta = std::fs::symlink_metadata(dir).map_err(create)?;
+    let mut meta = std::fs::symlink_metadata(dir).map_err(create)?;
     if meta.file_type().is_symlink() {
-        return Err(DirError::Symlink(dir.to_path_buf()));
+        if meta.uid() != you && meta.uid() != 0 {
+            return Err(DirError::Symlink {
+                path: dir.to_path_buf(),
+                owner: meta.uid(),
+            });
+        }
+        // What it leads to meets the same checks as a directory would.
+        meta = std::fs::metadata(dir).map_err(create)?;
     }
     if !meta.is_dir() {
         return Err(DirError::NotADirectory(dir.to_path_buf()));
@@ -144,16 +157,30 @@ mod tests {
     }
 
     #[test]
-    fn links_files_and_open_directories_are_refused() {
+    fn links_of_another_user_files_and_open_directories_are_refused() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test gives a link to another user: run the suite as root (scripts/test does in CI)"
+        );
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("target");
         std::fs::create_dir(&target).unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(matches!(
-            ensure_private(&link, None),
-            Err(DirError::Symlink(_))
-        ));
+        let other = nix::unistd::Uid::from_raw(4242);
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            Some(other),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        let err = ensure_private(&link, None).unwrap_err();
+        assert!(
+            matches!(err, DirError::Symlink { owner: 4242, .. }),
+            "{err}"
+        );
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
         assert!(matches!(
@@ -164,6 +191,25 @@ mod tests {
         let err = ensure_private(&target, None).unwrap_err();
         assert!(matches!(err, DirError::Open { mode: 0o777, .. }), "{err}");
         assert!(err.to_string().contains("chmod 700"), "{err}");
+    }
+
+    /// As systemd's `DynamicUser=` lays out a `StateDirectory=`: a link
+    /// (here this user's; there root's) to a private directory.
+    #[test]
+    fn a_link_of_this_user_or_root_leads_to_a_checked_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("private/state");
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.path().join("state");
+        std::os::unix::fs::symlink("private/state", &link).unwrap();
+        ensure_private(&link, None).unwrap();
+        assert_eq!(mode(&target), 0o700);
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        // A link to a directory nobody may trust is refused for that.
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ensure_private(&link, None).unwrap_err();
+        assert!(matches!(err, DirError::Open { mode: 0o777, .. }), "{err}");
     }
 
     #[test]
