@@ -202,6 +202,20 @@ def from_status(code: grpc.StatusCode, details: Optional[str]) -> RelaySidecarEr
     return StatusError(details or "", code)
 
 
+#: Status codes by their number, as ``google.rpc.Code`` values travel in messages.
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_code_number(number: int, details: Optional[str]) -> RelaySidecarError:
+    """The SDK exception for a ``google.rpc.Code`` number and its message (how
+    ``SendStream`` reports one message's failure): the class ``from_status``
+    gives its code; a number that is no status code is a ``ProtocolError``."""
+    code = _BY_NUMBER.get(number)
+    if code is None:
+        return ProtocolError(f"unknown status code {number}: {details or ''}")
+    return from_status(code, details)
+
+
 def from_rpc_error(error: grpc.Call) -> RelaySidecarError:
     """The SDK exception for a failed gRPC call (sync or asyncio)."""
     return from_status(error.code(), error.details())
