@@ -197,14 +197,23 @@ class Daemon:
                     raise self.fail(f"did not serve {self.socket} in {READY_TIMEOUT}s") from None
                 time.sleep(POLL_INTERVAL)
         with client:
-            try:
-                with client.watch_status(timeout=deadline - time.monotonic()) as statuses:
-                    for status in statuses:
-                        if status.state is relay_sidecar.ConnectionState.REGISTERED:
-                            return status
-            except relay_sidecar.RelaySidecarError as e:
-                raise self.fail(f"did not register in {READY_TIMEOUT}s ({e})") from None
-        raise self.fail("ended its status stream before it registered")
+            while True:
+                try:
+                    with client.watch_status(timeout=deadline - time.monotonic()) as statuses:
+                        for status in statuses:
+                            if status.state is relay_sidecar.ConnectionState.REGISTERED:
+                                return status
+                except relay_sidecar.UnavailableError as e:
+                    # gRPC shares a connection per socket path within a process:
+                    # another client's attempts on the previous daemon's socket
+                    # may leave it in backoff for a moment (2 s at most, CHANNEL_OPTIONS).
+                    if time.monotonic() > deadline:
+                        raise self.fail(f"did not register in {READY_TIMEOUT}s ({e})") from None
+                    time.sleep(POLL_INTERVAL)
+                    continue
+                except relay_sidecar.RelaySidecarError as e:
+                    raise self.fail(f"did not register in {READY_TIMEOUT}s ({e})") from None
+                raise self.fail("ended its status stream before it registered")
 
     def stop(self) -> None:
         """SIGTERM, and SIGKILL if it has not stopped within 10 s."""
