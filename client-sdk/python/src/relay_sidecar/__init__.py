@@ -27,7 +27,15 @@ from . import aio
 from ._paths import JOB_ENV, socket_candidates
 from ._socket import SOCKET_ENV, default_socket_path
 from ._types import ConnectionState, Counters, DescriptionType, PeerMessage, Status
-from .client import RESUME_WITHIN, Client, StatusStream, Subscription
+from .client import (
+    CLOSE_WITHIN,
+    RESUME_WITHIN,
+    SESSION_IN_FLIGHT,
+    Client,
+    Session,
+    StatusStream,
+    Subscription,
+)
 from .errors import (
     AbortedError,
     AlreadyExistsError,
@@ -50,8 +58,10 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "CLOSE_WITHIN",
     "JOB_ENV",
     "RESUME_WITHIN",
+    "SESSION_IN_FLIGHT",
     "SOCKET_ENV",
     "aio",
     "AbortedError",
@@ -68,6 +78,7 @@ __all__ = [
     "ProtocolError",
     "RelaySidecarError",
     "ResourceExhaustedError",
+    "Session",
     "Status",
     "StatusError",
     "StatusStream",

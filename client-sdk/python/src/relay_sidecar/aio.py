@@ -8,6 +8,15 @@ The same calls as ``relay_sidecar.Client``, as coroutines::
             await client.send(peer, "offer", "v=0 ...")
             async for message in messages:
                 ...
+
+and a session, a subscription and a SendStream on one connection::
+
+    async with await client.session() as session:
+        await session.send(peer, "offer", "v=0 ...")  # returns once settled
+        pending = [await session.queue(peer, "offer", d) for d in many]
+        await asyncio.gather(*pending)  # many in flight
+        async for message in session:
+            ...
 """
 
 from __future__ import annotations
@@ -16,7 +25,18 @@ import asyncio
 import time
 import uuid
 from types import TracebackType
-from typing import Any, AsyncIterator, Callable, Generic, Optional, Type, TypeVar, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Generic,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 import grpc
 import grpc.aio
@@ -26,10 +46,24 @@ from ._proto.relay_sidecar.v1 import relay_sidecar_pb2 as pb
 from ._proto.relay_sidecar.v1 import relay_sidecar_pb2_grpc as pb_grpc
 from ._socket import CHANNEL_OPTIONS, PathLike, find, target
 from ._types import DescriptionType, PeerMessage, Status
-from .client import _DAEMON_GONE, RESUME_WITHIN, _Refused, _Resumer, _Resuming
+from .client import (
+    _DAEMON_GONE,
+    CLOSE_WITHIN,
+    RESUME_WITHIN,
+    SESSION_IN_FLIGHT,
+    _Ended,
+    _failure,
+    _Loss,
+    _Outbound,
+    _Outcomes,
+    _Refused,
+    _Resumer,
+    _Resuming,
+    _Sending,
+)
 from .errors import from_rpc_error, from_status
 
-__all__ = ["Client", "StatusStream", "Subscription"]
+__all__ = ["Client", "Session", "StatusStream", "Subscription"]
 
 T = TypeVar("T")
 
@@ -152,6 +186,194 @@ class Subscription(_Resuming, _Stream[PeerMessage]):
         if call.done() and await call.code() != grpc.StatusCode.OK:
             raise _Refused(await call.code(), await call.details())
         return call
+
+
+class Session(_Sending):
+    """A worker's two streams on one connection, from ``Client.session()``:
+    sends on one ``SendStream`` call held open, and inbound messages on a
+    ``Subscription``; an async iterator of ``PeerMessage`` and an async context
+    manager that closes it.
+
+    ``await session.send(...)`` returns once the message is settled;
+    ``await session.queue(...)`` returns once it is queued, with an
+    ``asyncio.Future`` of its outcome, so that many can be in flight. Messages
+    go out in the order they were accepted. As ``relay_sidecar.Session``: at
+    most ``SESSION_IN_FLIGHT`` are unsettled (``queue`` waits for room), and
+    when the daemon stops, what its stream had written and not settled fails
+    with ``UnconfirmedError`` while the rest goes, in order, on a new stream
+    once a daemon with the same identity answers (within ``resume``).
+    """
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+        self._resumer = subscription._resumer
+        self._bound = SESSION_IN_FLIGHT
+        self._room = asyncio.Event()
+        self._room.set()
+        self._unsettled = 0
+        self._closed = False
+        self._stream = self._open([])
+
+    @property
+    def resumed(self) -> int:
+        """How many times the subscription was opened again."""
+        return self._subscription.resumed
+
+    async def send(
+        self,
+        peer_uuid: Union[uuid.UUID, str],
+        description_type: Union[DescriptionType, str],
+        description: str,
+        *,
+        conversation: bool = False,
+    ) -> None:
+        """Sends one message to a peer, after the ones sent before it, and
+        returns once the daemon has settled it OK; raises what
+        ``Client.send`` raises for it (``InvalidArgumentError``,
+        ``UnconfirmedError``, ``AbortedError``, ...; a session never waits for
+        a conversation another worker holds).
+
+        Raises:
+            RuntimeError: The session is closed.
+        """
+        future = await self.queue(
+            peer_uuid, description_type, description, conversation=conversation
+        )
+        await future
+
+    async def queue(
+        self,
+        peer_uuid: Union[uuid.UUID, str],
+        description_type: Union[DescriptionType, str],
+        description: str,
+        *,
+        conversation: bool = False,
+    ) -> asyncio.Future[None]:
+        """Queues one message, after the ones queued before it, once fewer
+        than ``SESSION_IN_FLIGHT`` are unsettled; returns a future that resolves
+        as ``send`` returns or raises.
+
+        Raises:
+            RuntimeError: The session is closed.
+        """
+        request = self._request(peer_uuid, description_type, description, conversation)
+        while self._unsettled >= self._bound and not self._closed:
+            self._room.clear()
+            await self._room.wait()
+        if self._closed:
+            raise RuntimeError("send on a closed session")
+        if self._stream.ended:
+            self._stream = self._open([])
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stream.add(future, request)
+        self._unsettled += 1
+        return future
+
+    def _open(self, carried: List[Tuple[Any, Any]]) -> _Outbound:
+        ready = asyncio.Event()
+        stream = _Outbound(ready, ready.set, carried)
+        stream.runner = asyncio.ensure_future(self._run(stream))
+        return stream
+
+    async def _run(self, stream: _Outbound) -> None:
+        """Runs one SendStream: checks the daemon, opens the call, settles its
+        messages as the daemon reports them, and ends them at its end."""
+        stub = self._resumer.client._stub
+        writer: Optional[asyncio.Future] = None
+        loss: Optional[_Loss] = None
+        again = False
+        try:
+            stream.call = stub.GetStatus(pb.GetStatusRequest(), **self._check_args())
+            try:
+                self._checked(await stream.call)
+            except grpc.RpcError as e:
+                raise self._not_back(e) from None
+            stream.call = stub.SendStream(timeout=self._resumer.call_timeout())
+            writer = asyncio.ensure_future(self._write(stream))
+            async for response in stream.call:
+                self._resolve(stream.settle(response))
+            loss, again = self._loss(stream, grpc.StatusCode.OK, ""), True
+        except grpc.RpcError as e:
+            loss, again = self._loss(stream, e.code(), e.details()), e.code() in _DAEMON_GONE
+        except asyncio.CancelledError:
+            # close() gave up on the stream (or the loop is ending): the
+            # messages' outcomes are what matters, so the task ends quietly.
+            pass
+        except _Ended as e:
+            loss = e.loss
+        except Exception as e:  # noqa: BLE001 - the futures carry it to the caller
+            loss = _failure(e)
+        finally:
+            if writer is not None:
+                writer.cancel()
+            if stream.call is not None:
+                stream.call.cancel()  # a no-op on a call that has ended
+            loss = loss or self._loss(stream, grpc.StatusCode.CANCELLED, "")
+            self._resolve(stream.end(loss, self._keeps(stream, again)))
+            if stream.kept:
+                self._stream = self._open(stream.kept)
+
+    async def _write(self, stream: _Outbound) -> None:
+        """Writes the messages as ``queue`` queued them; ``None`` half-closes."""
+        call = stream.call
+        try:
+            while True:
+                while not stream.queued:
+                    stream.ready.clear()
+                    await stream.ready.wait()
+                request = stream.take()
+                if request is None:
+                    await call.done_writing()
+                    return
+                await call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return  # the call ended: _run ends what is left
+
+    def _resolve(self, done: _Outcomes) -> None:
+        """Gives the settled futures their outcomes and makes room."""
+        if not done:
+            return
+        self._unsettled -= len(done)
+        self._room.set()
+        for future, error in done:
+            if future.done():  # its awaiting task was cancelled
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    async def close(self, timeout: Optional[float] = CLOSE_WITHIN) -> None:
+        """Half-closes the SendStream, waits up to ``timeout`` seconds for the
+        daemon to settle what is outstanding (the rest fails with
+        ``UnconfirmedError``, or ``UnavailableError`` if not yet written), and
+        cancels the subscription. Every future of the session is resolved
+        when it returns. Idempotent."""
+        stream = None if self._closed else self._stream
+        self._closed = True
+        self._room.set()
+        if stream is not None:
+            stream.half_close()
+            await asyncio.wait({stream.runner}, timeout=timeout)
+            if not stream.ended:
+                stream.abandoned = True
+                stream.runner.cancel()
+                await asyncio.wait({stream.runner})
+        self._subscription.cancel()
+
+    aclose = close
+
+    def __aiter__(self) -> AsyncIterator[PeerMessage]:
+        return self
+
+    async def __anext__(self) -> PeerMessage:
+        return await self._subscription.__anext__()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 class StatusStream(_Stream[Status]):
@@ -350,6 +572,32 @@ class Client:
         subscription = Subscription(call, resumer)
         await subscription._started()
         return subscription
+
+    async def session(
+        self,
+        group: Optional[str] = None,
+        *,
+        exclusive: bool = False,
+        conversations: bool = False,
+        timeout: Optional[float] = None,
+        resume: float = RESUME_WITHIN,
+    ) -> Session:
+        """Opens a session: a ``subscribe()`` with these arguments and one
+        ``SendStream`` call held open beside it, both on this client's
+        connection, for a worker that sends and receives a lot (see
+        ``relay_sidecar.Client.session``).
+
+        Raises:
+            The errors of ``subscribe()``.
+        """
+        subscription = await self.subscribe(
+            group,
+            exclusive=exclusive,
+            conversations=conversations,
+            timeout=timeout,
+            resume=resume,
+        )
+        return Session(subscription)
 
     async def hold_conversation(
         self,

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Callable, Generic, Iterator, Optional, Type, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 import grpc
 
@@ -15,9 +31,26 @@ from ._proto.relay_sidecar.v1 import relay_sidecar_pb2 as pb
 from ._proto.relay_sidecar.v1 import relay_sidecar_pb2_grpc as pb_grpc
 from ._socket import CHANNEL_OPTIONS, PathLike, find, target
 from ._types import DescriptionType, PeerMessage, Status
-from .errors import SubscriptionLostError, from_rpc_error
+from .errors import (
+    ProtocolError,
+    RelaySidecarError,
+    SubscriptionLostError,
+    UnavailableError,
+    UnconfirmedError,
+    from_code_number,
+    from_rpc_error,
+    from_status,
+)
 
-__all__ = ["Client", "RESUME_WITHIN", "StatusStream", "Subscription"]
+__all__ = [
+    "CLOSE_WITHIN",
+    "Client",
+    "RESUME_WITHIN",
+    "SESSION_IN_FLIGHT",
+    "Session",
+    "StatusStream",
+    "Subscription",
+]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -27,6 +60,16 @@ logger = logging.getLogger(__name__)
 #: script) takes a few seconds, and a worker whose daemon is gone for good
 #: learns it within half a minute.
 RESUME_WITHIN = 30.0
+#: The most sends one session may have unsettled (accepted by ``send``, no
+#: outcome yet); past it ``send`` waits for room. The daemon works on at most
+#: 1,024 messages of one SendStream at a time (chunks of 64, 16 in flight), so
+#: more would only wait in buffers; and a worker that outruns its relay is
+#: slowed here instead of piling up messages without bound.
+SESSION_IN_FLIGHT = 1024
+#: How long ``Session.close()`` waits, by default, for the daemon to settle the
+#: sends still outstanding: a message may wait for the relay connection up to
+#: the daemon's send timeout (30 s by default).
+CLOSE_WITHIN = 30.0
 #: Pauses between attempts to subscribe again (doubling, seconds): a local
 #: socket answers at once when a daemon is there.
 _RESUME_PAUSE = (0.05, 1.0)
@@ -252,6 +295,398 @@ class Subscription(_Resuming, _Stream[PeerMessage]):
         return call
 
 
+#: What a SendStream failure makes of one of its unsettled messages: the
+#: function of whether gRPC had taken the message to write.
+_Loss = Callable[[bool], Exception]
+#: Futures with their outcome: ``None`` for OK, else the error.
+_Outcomes = List[Tuple[Any, Optional[Exception]]]
+
+
+def _lost(why: str, written: bool) -> RelaySidecarError:
+    """The error of a message whose stream ended before it was settled: it may
+    have gone out if it was written, and certainly did not if it was not."""
+    if written:
+        return UnconfirmedError(
+            f"{why}; it was written, not settled: it may or may not have been sent"
+        )
+    return UnavailableError(f"{why}; it was not sent")
+
+
+class _Ended(Exception):
+    """A session's SendStream cannot go on; ``loss`` says how its unsettled
+    messages fail."""
+
+    def __init__(self, loss: _Loss) -> None:
+        super().__init__()
+        self.loss = loss
+
+
+class _Outbound:
+    """One SendStream call of a session, for the blocking and the asyncio
+    ``Session`` alike: its messages without an outcome, in the stream's
+    order, and what they become when the daemon settles them or the call
+    ends first.
+
+    ``ready`` is what the writer waits on for ``queued``; ``wake`` wakes it.
+    Both sessions touch the stream under their one lock (or in their loop).
+    """
+
+    def __init__(self, ready: Any, wake: Callable[[], Any], carried: List[Tuple[Any, Any]]) -> None:
+        self.ready, self._wake = ready, wake
+        #: The requests gRPC has not taken to write; ``None`` half-closes.
+        self.queued: Deque[Any] = collections.deque()
+        #: The futures of the messages without an outcome, in order.
+        self.unsettled: Deque[Any] = collections.deque()
+        #: How many of the stream's messages have an outcome.
+        self.settled = 0
+        #: How many gRPC has taken to write: none after them reached the daemon.
+        self.written = 0
+        self.ended = False
+        #: Given up by ``close()``, not ended by the daemon.
+        self.abandoned = False
+        #: The call under way (the daemon check, then the SendStream), to cancel.
+        self.call: Any = None
+        #: The thread or task that runs the call.
+        self.runner: Any = None
+        #: After ``end(keep=True)``: the messages never written, for the next stream.
+        self.kept: List[Tuple[Any, Any]] = []
+        for future, request in carried:
+            self.add(future, request)
+
+    def add(self, future: Any, request: Any) -> None:
+        self.unsettled.append(future)
+        self.queued.append(request)
+        self._wake()
+
+    def half_close(self) -> None:
+        self.queued.append(None)
+        self._wake()
+
+    def take(self) -> Any:
+        """The next request for gRPC to write (``queued`` is not empty);
+        ``None``: half-close."""
+        request = self.queued.popleft()
+        if request is not None:
+            self.written += 1
+        return request
+
+    def settle(self, response: Any) -> _Outcomes:
+        """The futures ``response`` settles, in order; a count the stream does
+        not allow is a ``ProtocolError``."""
+        if self.ended:
+            return []
+        if not self.settled <= response.settled <= self.written:
+            raise ProtocolError(
+                f"SendStream settled {response.settled} messages, with {self.settled} "
+                f"settled and {self.written} written before"
+            )
+        failures = {failure.index: failure for failure in response.failures}
+        done: _Outcomes = []
+        while self.settled < response.settled:
+            failure = failures.get(self.settled)
+            error = None if failure is None else from_code_number(failure.code, failure.message)
+            done.append((self.unsettled.popleft(), error))
+            self.settled += 1
+        return done
+
+    def end(self, loss: _Loss, keep: bool = False) -> _Outcomes:
+        """Ends the stream (once): its unsettled messages fail by ``loss``;
+        with ``keep``, those gRPC never took to write (so never sent) go to
+        ``kept`` instead, for the next stream to send."""
+        if self.ended:
+            return []
+        self.ended = True
+        futures, written = list(self.unsettled), self.written - self.settled
+        if keep:
+            requests = [request for request in self.queued if request is not None]
+            self.kept = list(zip(futures[written:], requests))
+            futures = futures[:written]
+        self.unsettled.clear()
+        self.queued.clear()
+        self.half_close()  # ends a writer still waiting
+        return [(future, loss(offset < written)) for offset, future in enumerate(futures)]
+
+
+class _Sending:
+    """What the blocking and the asyncio ``Session`` share: the requests, the
+    check of the daemon before each SendStream, and how a stream's end fails
+    its unsettled messages."""
+
+    _resumer: _Resumer
+    _unsettled: int
+    _closed: bool
+
+    @property
+    def unsettled(self) -> int:
+        """How many sends have no outcome yet (at most ``SESSION_IN_FLIGHT``)."""
+        return self._unsettled
+
+    def _request(
+        self,
+        peer_uuid: Union[uuid.UUID, str],
+        description_type: Union[DescriptionType, str],
+        description: str,
+        conversation: bool,
+    ) -> Any:
+        worker = self._resumer.client.worker or ""
+        return _convert.send_request(peer_uuid, description_type, description, worker, conversation)
+
+    def _check_args(self) -> dict:
+        """GetStatus's arguments for the check before a SendStream opens: it
+        waits up to ``resume`` seconds for a daemon, as the subscription does."""
+        resume, left = self._resumer.resume, self._resumer.call_timeout()
+        if resume > 0:
+            left = resume if left is None else min(resume, left)
+        return {"timeout": left, "wait_for_ready": resume > 0}
+
+    def _checked(self, status: Any) -> None:
+        """Refuses to send through a daemon that came back as another peer."""
+        now, was = uuid.UUID(status.uuid), self._resumer.identity
+        if now != was:
+            where = self._resumer.socket_path
+            why = f"the daemon at {where} came back as another peer ({now}, was {was})"
+            raise _Ended(functools.partial(_lost, f"{why}; open a new session to use it"))
+
+    def _not_back(self, error: grpc.RpcError) -> _Ended:
+        """The check failed: no daemon answered in time, or it refused."""
+        code, details = error.code(), error.details()
+        if self._resumer.past_deadline():
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "the session's timeout has passed"
+        elif code in _DAEMON_GONE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
+            resume = self._resumer.resume
+            waited = f"within {resume:g}s" if resume > 0 else "(not waited for)"
+            why = f"no daemon answered at {self._resumer.socket_path} {waited}"
+            return _Ended(functools.partial(_lost, f"{why} ({code.name}: {details})"))
+        return _Ended(lambda written: from_status(code, details))
+
+    def _keeps(self, stream: _Outbound, again: bool) -> bool:
+        """Whether the messages a stream never wrote go on a new one: when the
+        daemon went away from a stream that worked (one that failed at once
+        would fail again), and the session is not closing."""
+        return again and stream.written > 0 and not self._closed
+
+    def _loss(self, stream: _Outbound, code: grpc.StatusCode, details: Optional[str]) -> _Loss:
+        """How the unsettled messages of a SendStream that ended with ``code``
+        fail: lost (``UnconfirmedError`` if written) when the daemon went away
+        or the session gave up, else the daemon's status for each."""
+        where = self._resumer.socket_path
+        if stream.abandoned:
+            why = "the session was closed"
+        elif code == grpc.StatusCode.OK:
+            why = f"the daemon at {where} ended the stream"
+        elif code in _DAEMON_GONE:
+            why = f"the daemon at {where} stopped ({code.name}: {details})"
+        else:
+            return lambda written: from_status(code, details)
+        return functools.partial(_lost, why)
+
+
+def _failure(error: Exception) -> _Loss:
+    """A stream that failed in the SDK (a protocol error, a closed client):
+    each unsettled message fails with that error."""
+    if isinstance(error, ProtocolError):
+        return lambda written: ProtocolError(error.message)
+    return lambda written: error
+
+
+#: Set on a session's own threads, which run the futures' callbacks.
+_runner = threading.local()
+
+
+class Session(_Sending):
+    """A worker's two streams on one connection, from ``Client.session()``:
+    sends on one ``SendStream`` call held open, and inbound messages on a
+    ``Subscription``. A message costs one frame each way and no call of its
+    own; the daemon confirms them in batches.
+
+    ``send`` returns a ``concurrent.futures.Future`` at once; messages go out in
+    the order ``send`` accepted them (from any thread). Iterating the session
+    iterates its subscription, which outlives daemon restarts as any does.
+    As a context manager it closes on exit.
+
+    At most ``SESSION_IN_FLIGHT`` sends are unsettled at a time; ``send``
+    waits for room past it (a callback on one of its futures does not wait:
+    it runs on the session's thread, which makes the room).
+
+    When the daemon stops, the messages its stream had written and not
+    settled fail with ``UnconfirmedError`` (they may have gone out); those not
+    yet written go, in order, on a new stream, which waits up to the
+    subscription's ``resume`` seconds for a daemon with the same identity (and
+    fails them with ``UnavailableError`` if none answers).
+    """
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+        self._resumer = subscription._resumer
+        self._bound = SESSION_IN_FLIGHT
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._unsettled = 0
+        self._closed = False
+        self._stream = self._open([])
+
+    @property
+    def resumed(self) -> int:
+        """How many times the subscription was opened again."""
+        return self._subscription.resumed
+
+    def send(
+        self,
+        peer_uuid: Union[uuid.UUID, str],
+        description_type: Union[DescriptionType, str],
+        description: str,
+        *,
+        conversation: bool = False,
+    ) -> Future:
+        """Sends one message to a peer, after the ones sent before it.
+
+        Returns a ``Future`` that resolves to ``None`` when the daemon has
+        settled the message OK (as ``Client.send`` returns), or raises what
+        ``Client.send`` raises for it (``InvalidArgumentError``,
+        ``UnconfirmedError``, ``AbortedError``, ...; a conversation held by
+        another worker is ``AbortedError`` at once: a session never waits for
+        one). Waits while ``SESSION_IN_FLIGHT`` sends are unsettled.
+
+        Raises:
+            RuntimeError: The session is closed.
+        """
+        request = self._request(peer_uuid, description_type, description, conversation)
+        future: Future = Future()
+        # A message cannot be called back: the future is never cancelled.
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            while (
+                self._unsettled >= self._bound
+                and not self._closed
+                and getattr(_runner, "session", None) is not self
+            ):
+                self._room.wait()
+            if self._closed:
+                raise RuntimeError("send on a closed session")
+            if self._stream.ended:
+                self._stream = self._open([])
+            self._stream.add(future, request)
+            self._unsettled += 1
+        return future
+
+    def _open(self, carried: List[Tuple[Any, Any]]) -> _Outbound:
+        ready = threading.Condition(self._lock)
+        stream = _Outbound(ready, ready.notify, carried)
+        stream.runner = threading.Thread(
+            target=self._run, args=(stream,), name="relay-sidecar-session", daemon=True
+        )
+        stream.runner.start()
+        return stream
+
+    def _run(self, stream: _Outbound) -> None:
+        """Runs one SendStream: checks the daemon, opens the call, settles its
+        messages as the daemon reports them, and ends them at its end."""
+        _runner.session = self
+        stub = self._resumer.client._stub
+        loss: Optional[_Loss] = None
+        again = False
+        try:
+            check = stub.GetStatus.future(pb.GetStatusRequest(), **self._check_args())
+            if self._started(stream, check):
+                try:
+                    self._checked(check.result())
+                except grpc.RpcError as e:
+                    raise self._not_back(e) from None
+                timeout = self._resumer.call_timeout()
+                call = stub.SendStream(self._requests(stream), timeout=timeout)
+                if self._started(stream, call):
+                    for response in call:
+                        with self._lock:
+                            done = stream.settle(response)
+                        self._resolve(done)
+                    loss, again = self._loss(stream, grpc.StatusCode.OK, ""), True
+        except grpc.RpcError as e:
+            loss, again = self._loss(stream, e.code(), e.details()), e.code() in _DAEMON_GONE
+        except grpc.FutureCancelledError:
+            pass  # close() gave up on the check
+        except _Ended as e:
+            loss = e.loss
+        except Exception as e:  # noqa: BLE001 - the futures carry it to the caller
+            if stream.call is not None:
+                stream.call.cancel()
+            loss = _failure(e)
+        finally:
+            with self._lock:
+                loss = loss or self._loss(stream, grpc.StatusCode.CANCELLED, "")
+                done = stream.end(loss, self._keeps(stream, again))
+                if stream.kept:
+                    self._stream = self._open(stream.kept)
+            self._resolve(done)
+
+    def _started(self, stream: _Outbound, call: Any) -> bool:
+        """Makes ``call`` the stream's, unless ``close()`` gave up on it."""
+        with self._lock:
+            stream.call = call
+            if stream.abandoned:
+                call.cancel()
+            return not stream.abandoned
+
+    def _requests(self, stream: _Outbound) -> Iterator[Any]:
+        """The messages for gRPC to write, as ``send`` queued them."""
+        while True:
+            with self._lock:
+                while not stream.queued:
+                    stream.ready.wait()
+                request = stream.take()
+            if request is None:
+                return
+            yield request
+
+    def _resolve(self, done: _Outcomes) -> None:
+        """Gives the settled futures their outcomes (callbacks run here)."""
+        if not done:
+            return
+        with self._lock:
+            self._unsettled -= len(done)
+            self._room.notify_all()
+        for future, error in done:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def close(self, timeout: Optional[float] = CLOSE_WITHIN) -> None:
+        """Half-closes the SendStream, waits up to ``timeout`` seconds for the
+        daemon to settle what is outstanding (the rest fails with
+        ``UnconfirmedError``, or ``UnavailableError`` if not yet written), and
+        cancels the subscription. Every future of the session is resolved
+        when it returns. Idempotent."""
+        with self._lock:
+            stream = None if self._closed else self._stream
+            self._closed = True
+            self._room.notify_all()
+            if stream is not None:
+                stream.half_close()
+        if stream is not None:
+            if stream.runner is not threading.current_thread():  # not from a callback
+                stream.runner.join(timeout)
+            with self._lock:
+                stream.abandoned = not stream.ended
+                done = stream.end(self._loss(stream, grpc.StatusCode.CANCELLED, ""))
+                call = stream.call
+            self._resolve(done)
+            if stream.abandoned and call is not None:
+                call.cancel()
+        self._subscription.cancel()
+
+    def __iter__(self) -> Iterator[PeerMessage]:
+        return self
+
+    def __next__(self) -> PeerMessage:
+        return next(self._subscription)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class StatusStream(_Stream[Status]):
     """Status updates from ``Client.watch_status()``: an iterator of
     ``Status`` and a context manager that cancels it."""
@@ -434,6 +869,38 @@ class Client:
         subscription = Subscription(call, resumer)
         subscription._started()
         return subscription
+
+    def session(
+        self,
+        group: Optional[str] = None,
+        *,
+        exclusive: bool = False,
+        conversations: bool = False,
+        timeout: Optional[float] = None,
+        resume: float = RESUME_WITHIN,
+    ) -> Session:
+        """Opens a session: a ``subscribe()`` with these arguments and one
+        ``SendStream`` call held open beside it, both on this client's
+        connection, for a worker that sends and receives a lot. Each message
+        then costs one HTTP/2 frame each way, with no call of its own.
+
+        ``session.send(...)`` returns a ``Future`` of the message's outcome;
+        ``for message in session`` iterates the subscription. ``timeout`` is a
+        deadline for the whole session; ``resume`` bounds how long the
+        subscription, and a new stream after the daemon stopped, wait for it
+        to come back.
+
+        Raises:
+            The errors of ``subscribe()``.
+        """
+        subscription = self.subscribe(
+            group,
+            exclusive=exclusive,
+            conversations=conversations,
+            timeout=timeout,
+            resume=resume,
+        )
+        return Session(subscription)
 
     def hold_conversation(
         self,
