@@ -159,7 +159,7 @@ def refused(box: Container, user: str) -> str:
     """relayctl as `user` must fail to connect for lack of permission."""
     result = relayctl(box, user, "status", check=False)
     assert result.returncode != 0, f"{user} was admitted:\n{result.stdout}"
-    assert "Permission denied" in result.stderr, result.stderr
+    assert "permission denied" in result.stderr.lower(), result.stderr
     return result.stderr
 
 
@@ -367,7 +367,9 @@ def test_a_clean_stop_within_five_seconds(container: Container, installed: dict)
     try:
         box.wait_for("a subscriber", lambda: status(box)["counters"]["subscribers"] >= 1)
         started = time.monotonic()
-        box.run("systemctl", "stop", SERVICE)
+        # The socket too: the listener resumes its subscription, and a call
+        # on the socket would start the service again (as the README says).
+        box.run("systemctl", "stop", SOCKET_UNIT, SERVICE)
         took = time.monotonic() - started
         shown = box.show(SERVICE, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
         assert took < STOP_WITHIN, f"stopping took {took:.1f} s\n{box.diagnosis()}"
@@ -377,14 +379,13 @@ def test_a_clean_stop_within_five_seconds(container: Container, installed: dict)
             "ExecMainStatus": "0",
             "ExecMainCode": "1",
         }, shown
-        listener.wait(timeout=10)
         messages = [e["MESSAGE"] for e in daemon_messages(box)]
         assert "stopping" in messages, messages[-10:]
     finally:
         if listener.poll() is None:
             listener.kill()
             listener.wait()
-    box.run("systemctl", "start", SERVICE)
+    box.run("systemctl", "start", SOCKET_UNIT, SERVICE)
     registered(box)
 
 
