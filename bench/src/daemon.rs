@@ -28,6 +28,26 @@ pub struct DaemonProc {
     pub uuid: Uuid,
 }
 
+/// The setting that keeps an offer for a host's first subscriber.
+const KEEP_UNCLAIMED_OFFERS: (&str, &str) = ("RELAY_SIDECAR_UNCLAIMED_OFFERS", "backlog");
+
+/// Whether the daemon at `exe` takes [`KEEP_UNCLAIMED_OFFERS`] (its
+/// check-config passes with it), asked once per run: every daemon of a run is
+/// the one build, and `--daemon` may name an older one.
+fn takes_keep_unclaimed_offers(exe: &Path) -> bool {
+    static TAKES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TAKES.get_or_init(|| {
+        std::process::Command::new(exe)
+            .args(["--config", "/dev/null", "--relay-url", "ws://127.0.0.1:1"])
+            .arg("check-config")
+            .env(KEEP_UNCLAIMED_OFFERS.0, KEEP_UNCLAIMED_OFFERS.1)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    })
+}
+
 impl DaemonProc {
     /// The CPU time the daemon has used so far, all threads, ns.
     pub fn cpu_ns(&self) -> Result<u64> {
@@ -62,8 +82,11 @@ impl DaemonProc {
         }
         // Workers start pinging other hosts before those hosts' workers have
         // subscribed: keep such a ping for them, where the default answers
-        // it at once with a refusal.
-        command.env("RELAY_SIDECAR_UNCLAIMED_OFFERS", "backlog");
+        // it at once with a refusal. (Builds from before the setting kept
+        // them anyway, and refuse a setting they do not know.)
+        if takes_keep_unclaimed_offers(exe) {
+            command.env(KEEP_UNCLAIMED_OFFERS.0, KEEP_UNCLAIMED_OFFERS.1);
+        }
         let mut child = command
             .spawn()
             .with_context(|| format!("spawning {}", exe.display()))?;
