@@ -15,10 +15,11 @@
 //!   only reads and a [`writer`] that only writes; neither waits on the
 //!   other. The session watches [`pings`] and confirmations.
 //! - [`probes`]: confirmation bookkeeping. The relay never acknowledges a
-//!   forward, so each batch is followed by a probe, a message from this host
+//!   forward, so writes are followed by a probe, a message from this host
 //!   to itself; the relay handles one socket's frames in order, so when the
 //!   probe comes back every send before it has been handled (forwarded, or
-//!   returned as a bounce), and only then do those senders hear OK.
+//!   returned as a bounce), and only then do those senders hear OK. One
+//!   probe is out at a time, shared by everything written before it.
 //! - [`backoff`]: retry delays, and the detector for another client taking
 //!   this uuid on relays that do not say so.
 //!
@@ -68,7 +69,7 @@ pub const OUTBOX_ENTRIES: usize = 1024;
 pub const IN_FLIGHT_FRAMES: usize = 256;
 const _: () = assert!(IN_FLIGHT_FRAMES <= crate::devrelay::OUTBOUND_QUEUE_FRAMES / 4);
 
-/// How many queued frames are gathered for one flush and one probe (a
+/// How many queued frames are gathered for one flush (a
 /// SendStream chunk is never split, so a batch may run over by one chunk).
 const WRITE_BATCH: usize = 64;
 const _: () = assert!(2 * (WRITE_BATCH + 1) <= IN_FLIGHT_FRAMES);

@@ -1,11 +1,13 @@
-//! Confirmation bookkeeping for one session. Each batch the writer sends is
+//! Confirmation bookkeeping for one session. A batch the writer sends is
 //! followed by a probe (a message from this host to itself, tagged with a
-//! random tag chosen for this session and a sequence number); the reader
-//! sees probes come back and confirms every batch up to it. What is written
-//! and not yet confirmed is the session's in-flight window, which the writer
-//! keeps under [`super::IN_FLIGHT_FRAMES`].
+//! random tag chosen for this session and a sequence number) unless one is
+//! out already, in which case it waits for the next, written when that one
+//! comes back; the reader sees probes come back and confirms every batch up
+//! to them. What is written and not yet confirmed is the session's
+//! in-flight window, which the writer keeps under [`super::IN_FLIGHT_FRAMES`].
 //!
-//! One probe is shared by all the callers whose frames were in its batch.
+//! One probe is shared by all the callers whose frames it follows: a round
+//! trip through the relay per probe, whatever the number of callers.
 
 use std::collections::VecDeque;
 
@@ -82,12 +84,16 @@ impl ProbeTag {
     }
 }
 
-/// One batch written and waiting for its probe.
+/// One batch written and waiting for the probe that confirms it: its own,
+/// written right after it, or (when another probe was out) the next one.
 #[derive(Debug)]
 struct Batch {
+    /// The probe that confirms it.
     seq: u64,
-    /// The batch's frames, its probe included.
+    /// Its frames, a probe written with it included.
     frames: usize,
+    /// Its sends' frames.
+    messages: usize,
     /// How many of `Confirmations::replies` and `peers` are this batch's.
     replies: usize,
     peers: usize,
@@ -95,9 +101,17 @@ struct Batch {
 }
 
 /// Batches written and not yet confirmed, oldest first.
+///
+/// At most one probe is out at a time: a batch written while one is out
+/// waits for the next, which goes out once the first comes back. Under load
+/// the relay then carries one probe per round trip, whichever callers and
+/// however many batches it confirms; alone, a send still gets its own.
 #[derive(Debug, Default)]
 pub(super) struct Confirmations {
+    /// The sequence number of the next probe.
     next_seq: u64,
+    /// A probe is out and has not come back.
+    probe_out: bool,
     batches: VecDeque<Batch>,
     /// The callers of the batches above, in order.
     replies: VecDeque<Reply>,
@@ -110,15 +124,14 @@ pub(super) struct Confirmations {
 impl Confirmations {
     /// Records `entries` as one batch written now and moves their frames to
     /// `out`, in order; returns the sequence number of the probe that must
-    /// follow them.
+    /// follow them, or `None` when one is out already (the next one, from
+    /// [`Confirmations::probe_due`], will confirm them).
     pub(super) fn commit(
         &mut self,
         entries: &mut Vec<Entry>,
         me: Uuid,
         out: &mut Vec<String>,
-    ) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    ) -> Option<u64> {
         let (replies, peers, frames) = (entries.len(), self.peers.len(), out.len());
         for entry in entries.drain(..) {
             for outgoing in entry.frames {
@@ -129,16 +142,31 @@ impl Confirmations {
             }
             self.replies.push_back(entry.reply);
         }
-        let frames = out.len() - frames + 1;
-        self.in_flight += frames;
+        let messages = out.len() - frames;
+        self.in_flight += messages;
         self.batches.push_back(Batch {
-            seq,
-            frames,
+            seq: self.next_seq,
+            frames: messages,
+            messages,
             replies,
             peers: self.peers.len() - peers,
             written_at: Instant::now(),
         });
-        seq
+        self.probe_due()
+    }
+
+    /// The sequence number of a probe to write now: when batches wait for
+    /// one and none is out.
+    pub(super) fn probe_due(&mut self) -> Option<u64> {
+        let waiting = self.batches.back_mut()?;
+        if self.probe_out || waiting.seq != self.next_seq {
+            return None;
+        }
+        waiting.frames += 1;
+        self.in_flight += 1;
+        self.probe_out = true;
+        self.next_seq += 1;
+        Some(waiting.seq)
     }
 
     /// Probe `seq` came back: everything up to it is confirmed. Returns how
@@ -149,11 +177,14 @@ impl Confirmations {
         if seq >= self.next_seq {
             return 0;
         }
+        if seq + 1 == self.next_seq {
+            self.probe_out = false;
+        }
         let mut sent = 0;
         while self.batches.front().is_some_and(|b| b.seq <= seq) {
             let batch = self.batches.pop_front().expect("front exists");
             self.in_flight -= batch.frames;
-            sent += batch.frames as u64 - 1;
+            sent += batch.messages as u64;
             self.peers.drain(..batch.peers);
             for reply in self.replies.drain(..batch.replies) {
                 let _ = reply.send(Ok(()));
@@ -165,6 +196,7 @@ impl Confirmations {
     /// The session is over: every batch not confirmed is answered with
     /// `why`, since it may or may not have been forwarded.
     pub(super) fn fail_all(&mut self, why: &str) {
+        self.probe_out = false;
         self.batches.clear();
         self.peers.clear();
         self.in_flight = 0;
@@ -226,23 +258,45 @@ mod tests {
         let mut out = Vec::new();
         let (a, mut answer_a) = entry(&[me, far]);
         let (b, mut answer_b) = entry(&[far]);
-        let first = c.commit(&mut vec![a], me, &mut out);
+        let first = c.commit(&mut vec![a], me, &mut out).expect("no probe out");
         let (d, mut answer_d) = entry(&[me]);
-        let second = c.commit(&mut vec![b, d], me, &mut out);
+        // A probe is out: b and d wait for the next one.
+        assert_eq!(c.commit(&mut vec![b, d], me, &mut out), None);
+        assert_eq!(c.probe_due(), None, "not while one is out");
         assert_eq!(out.len(), 4);
-        assert_eq!(c.in_flight(), 6);
+        assert_eq!(c.in_flight(), 5);
         assert!(c.wrote_to(&far) && !c.wrote_to(&me));
 
-        assert_eq!(c.confirm(second + 7), 0, "a number never sent");
+        assert_eq!(c.confirm(first + 7), 0, "a number never sent");
+        assert_eq!(c.confirm(first + 1), 0, "nor the next, not yet written");
         assert_eq!(c.confirm(first), 2);
         assert!(matches!(answer_a.try_recv(), Ok(Ok(()))));
         assert!(answer_b.try_recv().is_err(), "not yet");
-        assert_eq!(c.in_flight(), 3);
+        assert_eq!(c.in_flight(), 2);
         assert!(c.wrote_to(&far), "b's peer is still unconfirmed");
+        let second = c.probe_due().expect("b and d wait for a probe");
+        assert_eq!(c.probe_due(), None, "one at a time");
+        assert_eq!(c.in_flight(), 3);
         assert_eq!(c.confirm(second), 2);
         assert!(matches!(answer_b.try_recv(), Ok(Ok(()))));
         assert!(matches!(answer_d.try_recv(), Ok(Ok(()))));
         assert!(c.is_empty() && c.in_flight() == 0 && !c.wrote_to(&far));
+        assert_eq!(c.probe_due(), None, "nothing waits");
+    }
+
+    #[tokio::test]
+    async fn batches_written_while_a_probe_is_out_share_the_next() {
+        let me = Uuid::new_v4();
+        let mut c = Confirmations::default();
+        let mut out = Vec::new();
+        let first = c.commit(&mut vec![entry(&[me]).0], me, &mut out).unwrap();
+        for _ in 0..10 {
+            assert_eq!(c.commit(&mut vec![entry(&[me]).0], me, &mut out), None);
+        }
+        assert_eq!(c.confirm(first), 1);
+        let next = c.probe_due().unwrap();
+        assert_eq!(c.confirm(next), 10, "one probe for ten batches");
+        assert!(c.is_empty() && c.in_flight() == 0);
     }
 
     #[tokio::test]

@@ -39,6 +39,9 @@ pub(super) struct Shared {
     pub(super) window: Notify,
     /// Nothing is left unconfirmed.
     drained: Notify,
+    /// A probe came back with batches still waiting: the writer may owe the
+    /// next one.
+    pub(super) probe_wanted: Notify,
     /// The highest ping number answered.
     pong: AtomicU64,
 }
@@ -56,11 +59,24 @@ impl Shared {
         self.lock().in_flight()
     }
 
-    pub(super) fn commit(&self, batch: &mut Vec<Entry>, me: Uuid, out: &mut Vec<String>) -> u64 {
+    /// Records a batch about to be written; the probe to follow it, if one
+    /// is due (see [`Confirmations::commit`]).
+    pub(super) fn commit(
+        &self,
+        batch: &mut Vec<Entry>,
+        me: Uuid,
+        out: &mut Vec<String>,
+    ) -> Option<u64> {
         self.lock().commit(batch, me, out)
     }
 
-    /// Probe `seq` came back; returns how many sends that confirmed.
+    /// The probe the writer should write now, if one is due.
+    pub(super) fn probe_due(&self) -> Option<u64> {
+        self.lock().probe_due()
+    }
+
+    /// Probe `seq` came back; returns how many sends that confirmed. Tells
+    /// the writer when batches wait for the next probe.
     pub(super) fn confirm(&self, seq: u64) -> u64 {
         let (sent, empty) = {
             let mut confirmations = self.lock();
@@ -70,6 +86,8 @@ impl Shared {
         self.window.notify_one();
         if empty {
             self.drained.notify_one();
+        } else {
+            self.probe_wanted.notify_one();
         }
         sent
     }

@@ -1,8 +1,10 @@
 //! The session's writer task: the only one that writes to the socket. It
-//! takes sends from the outbox in order, in batches, each followed by a
-//! probe, while the in-flight window has room; pings and close frames come
-//! from the session over a small channel and go first, so order on the wire
-//! has one owner. It never reads, and nothing it waits for waits on it.
+//! takes sends from the outbox in order, in batches, while the in-flight
+//! window has room, and writes a probe after a batch when none is out (or
+//! when the reader says one came back and batches wait); pings and close
+//! frames come from the session over a small channel and go first, so order
+//! on the wire has one owner. It never reads, and nothing it waits for
+//! waits on it.
 
 use std::sync::Arc;
 
@@ -92,6 +94,14 @@ impl Writer {
                     }
                     None => return WriterEnd::Cancelled,
                 },
+                () = self.shared.probe_wanted.notified() => {
+                    if let Some(seq) = self.shared.probe_due() {
+                        let probe = Message::text(self.tag.frame(seq, &self.name));
+                        if let Err(e) = self.sink.send(probe).await {
+                            return WriterEnd::Lost(format!("connection lost while writing: {e}"));
+                        }
+                    }
+                }
                 first = Self::next_entry(&mut self.outbox, &self.shared), if !holding => {
                     if let Err(e) = self.write_batch(first).await {
                         return WriterEnd::Lost(format!("connection lost while writing: {e}"));
@@ -126,9 +136,9 @@ impl Writer {
     }
 
     /// Writes `first` and whatever else is queued and fits (up to
-    /// [`WRITE_BATCH`] frames and the window), then a probe, with one flush.
-    /// Its callers hear how it went when the probe returns, or when the
-    /// session ends.
+    /// [`WRITE_BATCH`] frames and the window), then a probe unless one is
+    /// out, with one flush. Its callers hear how it went when the probe that
+    /// confirms it returns, or when the session ends.
     async fn write_batch(
         &mut self,
         first: Entry,
@@ -152,15 +162,17 @@ impl Writer {
         }
         // Committed before the first byte goes out: from here on the
         // callers' answer is OK or UNKNOWN, never "not sent".
-        let seq = self
+        let probe = self
             .shared
             .commit(&mut self.batch, self.me, &mut self.frames);
         for frame in self.frames.drain(..) {
             self.sink.feed(Message::text(frame)).await?;
         }
-        self.sink
-            .feed(Message::text(self.tag.frame(seq, &self.name)))
-            .await?;
+        if let Some(seq) = probe {
+            self.sink
+                .feed(Message::text(self.tag.frame(seq, &self.name)))
+                .await?;
+        }
         self.sink.flush().await
     }
 }
