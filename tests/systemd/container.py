@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -297,6 +298,30 @@ class Container:
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    @staticmethod
+    def kill(process: subprocess.Popen) -> None:
+        """SIGKILLs a process from `spawn` and everything it started inside
+        (killing nsenter alone would leave them running in the container,
+        and its shutdown waiting for them)."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        tree, todo = [], [process.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo.extend(children.get(pid, []))
+        for pid in reversed(tree):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
 
     def write(self, path: str, text: str) -> None:
         """Writes a file inside, as root."""
