@@ -111,6 +111,36 @@ fn open_paths(paths: &[PathBuf]) -> String {
     script
 }
 
+/// Shell commands that give a fresh mount namespace its own empty /tmp,
+/// keeping the entries of the old one that `paths` lie in (a checkout or a
+/// target directory under /tmp), reached through a descriptor of the old
+/// /tmp held open across the mount.
+fn fresh_tmp(paths: &[PathBuf]) -> String {
+    let mut kept: BTreeSet<String> = BTreeSet::new();
+    for path in paths {
+        for path in [Some(path.clone()), path.canonicalize().ok()]
+            .into_iter()
+            .flatten()
+        {
+            if let Ok(rest) = path.strip_prefix("/tmp")
+                && let Some(first) = rest.components().next()
+            {
+                kept.insert(first.as_os_str().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut script = String::from("exec 3</tmp\nmount -t tmpfs -o mode=1777 tmpfs /tmp\n");
+    for entry in kept {
+        script.push_str(&format!(
+            "old=/proc/$$/fd/3/'{entry}'; \
+             if [ -d \"$old\" ]; then mkdir /tmp/'{entry}'; else touch /tmp/'{entry}'; fi; \
+             mount --bind \"$old\" /tmp/'{entry}'\n"
+        ));
+    }
+    script.push_str("exec 3<&-\n");
+    script
+}
+
 /// A "node": its own /tmp and host name, the rest of the machine shared.
 struct Node {
     name: String,
@@ -127,7 +157,8 @@ impl Node {
             PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
         ];
         let script = format!(
-            "set -e\nmount -t tmpfs -o mode=1777 tmpfs /tmp\n{}hostname {name}\necho ready $$\nexec cat\n",
+            "set -e\n{}{}hostname {name}\necho ready $$\nexec cat\n",
+            fresh_tmp(&reach),
             open_paths(&reach)
         );
         let mut holder = Command::new("unshare")
