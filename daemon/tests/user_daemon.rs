@@ -114,7 +114,8 @@ fn open_paths(paths: &[PathBuf]) -> String {
 /// Shell commands that give a fresh mount namespace its own empty /tmp,
 /// keeping the entries of the old one that `paths` lie in (a checkout or a
 /// target directory under /tmp), reached through a descriptor of the old
-/// /tmp held open across the mount.
+/// /tmp held open across the mount (and not canonicalized, which would
+/// turn it back into a path in the new /tmp).
 fn fresh_tmp(paths: &[PathBuf]) -> String {
     let mut kept: BTreeSet<String> = BTreeSet::new();
     for path in paths {
@@ -134,7 +135,7 @@ fn fresh_tmp(paths: &[PathBuf]) -> String {
         script.push_str(&format!(
             "old=/proc/$$/fd/3/'{entry}'; \
              if [ -d \"$old\" ]; then mkdir /tmp/'{entry}'; else touch /tmp/'{entry}'; fi; \
-             mount --bind \"$old\" /tmp/'{entry}'\n"
+             mount --no-canonicalize --bind \"$old\" /tmp/'{entry}'\n"
         ));
     }
     script.push_str("exec 3<&-\n");
