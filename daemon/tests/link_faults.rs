@@ -181,3 +181,33 @@ async fn a_relay_going_away_is_logged_with_its_code_and_meaning() {
     let detail = first_warning["detail"].as_str().unwrap_or_default();
     assert!(detail.contains("1001 (going away)"), "{first_warning:#}");
 }
+
+/// A relay that sends thousands of frames the daemon cannot use (binary,
+/// undecodable text, a registration request) costs the log a line or two of
+/// each kind, not one per frame, and the connection stays up.
+#[tokio::test]
+async fn junk_from_the_relay_is_counted_not_logged_frame_by_frame() {
+    use tokio_tungstenite::tungstenite::Message;
+
+    const EACH: usize = 2_000;
+    let mut junk = Vec::with_capacity(2 * EACH + 1);
+    for n in 0..EACH {
+        junk.push(Message::binary(vec![0u8; 16]));
+        junk.push(Message::text(format!("{{\"not\": \"a relay frame {n}\"}}")));
+    }
+    let relay = SwallowingRelay::sending(junk).await;
+    let daemon = LoggedDaemon::start(relay.url(), &[], &[]).await;
+    let client = daemon.client().await;
+    let status =
+        support::sidecar::status_until(&client, |s| s.counters.undecodable >= (2 * EACH) as u64)
+            .await;
+    assert_eq!(status.counters.undecodable, (2 * EACH) as u64);
+    assert_eq!(status.state, ConnectionState::Registered);
+    assert_eq!(status.counters.reconnects, 0);
+    let log = daemon.stop().await;
+    for what in ["binary frame", "undecodable frame"] {
+        let lines = log.iter().filter(|line| line.contains(what)).count();
+        // The first at once; the rest counted, at most a line per 10 s.
+        assert!((1..=2).contains(&lines), "{lines} lines about {what}");
+    }
+}

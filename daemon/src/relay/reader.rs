@@ -17,8 +17,17 @@ use super::handshake::{Socket, close_parts};
 use super::probes::{Probe, ProbeTag};
 use super::session::Shared;
 use crate::codec::{self, Dialect, Frame};
+use crate::limits::LOG_SUMMARY_INTERVAL;
 use crate::router::{PeerMessage, Router};
 use crate::status::Counters;
+use crate::summary::Summary;
+
+/// Frames from the relay that the daemon skips: the relay can send them in
+/// volume, so the first of each kind is logged, the rest counted (the
+/// `undecodable` counter has them all) and mentioned with the next line.
+static BINARY: Summary = Summary::new(LOG_SUMMARY_INTERVAL);
+static UNDECODABLE: Summary = Summary::new(LOG_SUMMARY_INTERVAL);
+static UNEXPECTED: Summary = Summary::new(LOG_SUMMARY_INTERVAL);
 
 /// Why the reader stopped.
 #[derive(Debug)]
@@ -66,7 +75,9 @@ impl Reader {
                 }
                 Some(Ok(Message::Binary(_))) => {
                     Counters::add(&self.counters.undecodable, 1);
-                    warn!("binary frame from the relay skipped");
+                    if let Some(earlier) = BINARY.note() {
+                        warn!(earlier, "binary frame from the relay skipped");
+                    }
                 }
                 // tungstenite answers pings itself.
                 Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
@@ -84,21 +95,28 @@ impl Reader {
         let peer = match codec::decode(text, self.dialect) {
             Ok(Frame::Peer(peer)) => peer,
             Ok(Frame::Response(response)) => {
-                warn!(
-                    success = response.success,
-                    message = response.message.as_deref(),
-                    "relay response outside registration"
-                );
+                if let Some(earlier) = UNEXPECTED.note() {
+                    warn!(
+                        earlier,
+                        success = response.success,
+                        message = response.message.as_deref(),
+                        "relay response outside registration"
+                    );
+                }
                 return;
             }
             Ok(Frame::Registration(_)) => {
                 Counters::add(&self.counters.undecodable, 1);
-                warn!("the relay sent a registration request: skipped");
+                if let Some(earlier) = UNEXPECTED.note() {
+                    warn!(earlier, "the relay sent a registration request: skipped");
+                }
                 return;
             }
             Err(e) => {
                 Counters::add(&self.counters.undecodable, 1);
-                warn!(error = %e, len = text.len(), "undecodable frame from the relay skipped");
+                if let Some(earlier) = UNDECODABLE.note() {
+                    warn!(error = %e, len = text.len(), earlier, "undecodable frame from the relay skipped");
+                }
                 return;
             }
         };

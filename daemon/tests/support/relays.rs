@@ -115,6 +115,12 @@ pub struct SwallowingRelay {
 
 impl SwallowingRelay {
     pub async fn start() -> SwallowingRelay {
+        SwallowingRelay::sending(Vec::new()).await
+    }
+
+    /// As [`SwallowingRelay::start`], sending `frames` to each client once
+    /// it is registered.
+    pub async fn sending(frames: Vec<Message>) -> SwallowingRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("ws://{}", listener.local_addr().expect("local_addr"));
         let (seen, handshakes) = mpsc::unbounded_channel();
@@ -129,11 +135,11 @@ impl SwallowingRelay {
                         Err(_) => return,
                     },
                 };
-                let (seen, token) = (seen.clone(), token.clone());
+                let (seen, token, frames) = (seen.clone(), token.clone(), frames.clone());
                 tokio::spawn(async move {
                     tokio::select! {
                         () = token.cancelled() => {}
-                        () = swallow(tcp, seen) => {}
+                        () = swallow(tcp, seen, frames) => {}
                     }
                 });
             }
@@ -192,7 +198,11 @@ where
         .ok()
 }
 
-async fn swallow(tcp: tokio::net::TcpStream, seen: mpsc::UnboundedSender<Headers>) {
+async fn swallow(
+    tcp: tokio::net::TcpStream,
+    seen: mpsc::UnboundedSender<Headers>,
+    frames: Vec<Message>,
+) {
     let Some(mut ws) = accept_recording(tcp, seen).await else {
         return;
     };
@@ -213,6 +223,14 @@ async fn swallow(tcp: tokio::net::TcpStream, seen: mpsc::UnboundedSender<Headers
         .await
         .is_err()
     {
+        return;
+    }
+    for frame in frames {
+        if ws.feed(frame).await.is_err() {
+            return;
+        }
+    }
+    if ws.flush().await.is_err() {
         return;
     }
     // Reading on is what answers pings.
