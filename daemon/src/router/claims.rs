@@ -77,20 +77,28 @@ impl Router {
         wait_until: Option<Instant>,
         attempt: impl Fn() -> Result<T, RouterError>,
     ) -> Result<T, RouterError> {
+        let Some(wait) = wait_until else {
+            // Nothing to wait for: no waiter to register on every send.
+            let result = attempt();
+            if matches!(result, Err(RouterError::Held { .. })) {
+                Counters::add(&self.counters.conversation_conflicts, 1);
+            }
+            return result;
+        };
         loop {
             // Listen before looking, so that an end in between is not missed.
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
             let result = attempt();
-            let wait = match (&result, wait_until) {
-                (Err(RouterError::Held { .. }), Some(until)) if until > Instant::now() => until,
-                (Err(RouterError::Held { .. }), _) => {
+            match &result {
+                Err(RouterError::Held { .. }) if wait > Instant::now() => {}
+                Err(RouterError::Held { .. }) => {
                     Counters::add(&self.counters.conversation_conflicts, 1);
                     return result;
                 }
                 _ => return result,
-            };
+            }
             if tokio::time::timeout_at(wait, ended).await.is_err() {
                 let last = attempt();
                 if matches!(last, Err(RouterError::Held { .. })) {
