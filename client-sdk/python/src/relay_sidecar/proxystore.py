@@ -635,7 +635,8 @@ class SidecarRelayClient:
         a WebRTC connection carries no relay traffic once established, and
         the daemon ends a silent conversation after its time-to-live."""
         while not session.closed:
-            await asyncio.sleep(self._ttl * _RENEW_FRACTION)
+            # At least a second apart, whatever time-to-live a daemon reports.
+            await asyncio.sleep(max(self._ttl * _RENEW_FRACTION, 1.0))
             open_peers = self._manager_peers()
             now = time.monotonic()
             for peer, since in list(self._held.items()):
