@@ -288,7 +288,10 @@ class Subscription(_Resuming, _Stream[PeerMessage]):
         status = stub.GetStatus(pb.GetStatusRequest(), timeout=within, wait_for_ready=True)
         self._resumer.same_peer(status)
         timeout = self._resumer.call_timeout()
-        call = stub.Subscribe(self._resumer.request, timeout=timeout, wait_for_ready=True)
+        # Fail-fast: only the bounded GetStatus above waits for a daemon. A
+        # daemon that answered it and stopped at once fails this (to try
+        # again), where a waiting call without a deadline would hang.
+        call = stub.Subscribe(self._resumer.request, timeout=timeout)
         call.initial_metadata()
         if call.done() and call.code() != grpc.StatusCode.OK:
             raise _Refused(call.code(), call.details())
