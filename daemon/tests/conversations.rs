@@ -83,6 +83,21 @@ async fn one_worker_holds_a_peer_and_the_others_are_refused_until_it_lets_go() {
         (1, 2)
     );
 
+    // A waiting send waits: while w1 holds the peer, it fails only at its
+    // deadline (the daemon answers up to 50 ms before it, to be heard).
+    let patience = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let options = claim().wait_for_conversation().timeout(patience);
+    let gave_up = w2
+        .send_with(peer.uuid(), DescriptionType::Offer, "w2 gave up", options)
+        .await;
+    assert!(matches!(gave_up, Err(Error::Aborted(_))), "{gave_up:?}");
+    assert!(
+        started.elapsed() >= patience - patience / 10,
+        "{:?}",
+        started.elapsed()
+    );
+
     // A waiting send gets the peer once the holder lets go.
     let waiting = {
         let w2 = w2.clone();

@@ -187,6 +187,12 @@ async fn order_holds_across_lost_registrations(way: Way, relay: &mut impl Restar
         total += found;
     }
     eprintln!("{way:?}: (OK, UNKNOWN, inversions) per run: {report:?}");
+    // Every restart cost a registration, or the order was never put to it.
+    let reconnects = client.status().await.unwrap().counters.reconnects;
+    assert!(
+        reconnects >= RUNS as u64,
+        "{reconnects} reconnects in {RUNS} runs"
+    );
     assert_eq!(total, 0, "{way:?}: OK messages out of order: {report:?}");
     daemon.stop().await;
 }

@@ -190,7 +190,9 @@ const BIG_BACKLOG_RSS_GROWTH_KIB: u64 = 40 * 1024;
 async fn the_backlog_is_bounded_in_bytes() {
     let relay = dev_relay().await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, socket, _log) = daemon(dir.path(), &relay.url(), &[]).await;
+    // Only the byte bound may drop: none expires on a slow run.
+    let env = [("RELAY_SIDECAR_BACKLOG_TTL", "600s")];
+    let (mut child, socket, _log) = daemon(dir.path(), &relay.url(), &env).await;
     let pid = child.id().unwrap();
     let host = relay_sidecar_client::connect(&socket).await.unwrap();
     let host_uuid = host.status().await.unwrap().uuid;

@@ -210,7 +210,9 @@ def test_an_offer_to_ungrouped_managers_reaches_one_of_them(
                 await asyncio.sleep(0.05)
             other = b if got is a else a
             assert (await got.wait(waiting[got]))["digest"] == sent["digest"]
-            await asyncio.sleep(2)
+            # The daemon handed the remote's offer to one conversation
+            # subscription, the one whose data arrived; the other has nothing.
+            await until(daemon, lambda s: s.counters.conversations == 1)
             assert not other.events(waiting[other]), "only one manager gets the remote's data"
             # The remote talks on with the one that answered.
             again = await r.run("send", STEP, peer=str(daemon.uuid), size=SIZE)

@@ -181,6 +181,23 @@ async fn backlog_messages_expire_and_are_counted() {
     assert_eq!(drain(&mut sub), ["1"]);
 }
 
+/// A flood of offers queues at most REFUSALS_QUEUED answers; the rest are
+/// refused all the same (counted), only unanswered.
+#[test]
+fn refusals_queued_for_the_relay_are_bounded() {
+    let mut f = with(limits(8, 8));
+    let offers = REFUSALS_QUEUED + 44;
+    for n in 0..offers {
+        f.router.dispatch(from(Uuid::new_v4(), n));
+    }
+    assert_eq!(f.counters.snapshot().offers_refused, offers as u64);
+    let mut queued = 0;
+    while f.refused.try_recv().is_ok() {
+        queued += 1;
+    }
+    assert_eq!(queued, REFUSALS_QUEUED);
+}
+
 #[test]
 fn an_offer_with_nobody_subscribed_is_refused_not_kept() {
     let mut f = with(limits(8, 8));
